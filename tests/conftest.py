@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from vistune.testing import tiny_sd_pipeline, tiny_unet
+
+
+def randomize(module: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Give every parameter random values so a tuner is no longer the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def unet_inputs(unet, batch: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    sample = torch.randn(batch, unet.config.in_channels, size, size, generator=generator)
+    context = torch.randn(batch, 8, unet.config.cross_attention_dim, generator=generator)
+    timestep = torch.tensor([10, 700][:batch] + [500] * max(0, batch - 2))
+    return sample, timestep, context
+
+
+def run_unet(unet, inputs) -> torch.Tensor:
+    sample, timestep, context = inputs
+    with torch.no_grad():
+        return unet(sample, timestep, encoder_hidden_states=context).sample
+
+
+@pytest.fixture
+def unet():
+    return tiny_unet(seed=0)
+
+
+@pytest.fixture
+def inputs(unet):
+    return unet_inputs(unet)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline(seed=0)

@@ -1,0 +1,192 @@
+"""Attach, detach and steer tuners on a backbone.
+
+Everything vistune adds to a backbone lives in one submodule, ``model.vistune_tuners`` (a
+:class:`TunerContainer`), plus the hooks the tuners register. Because the tuners are submodules, ``model.to()``,
+``pipe.to("cuda")``, CPU offload and ``accelerator.prepare`` move them with the backbone. :func:`detach` removes
+both and restores every ``requires_grad`` flag, leaving the backbone exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import TunerConfig
+from .errors import TunerError
+from .registry import get_tuner_entry
+from .tuner import Tuner
+
+CONTAINER_NAME = "vistune_tuners"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class TunerContainer(nn.ModuleDict):
+    """The tuners attached to one backbone, by name, and the backbone's ``requires_grad`` flags before attach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved_requires_grad: dict[str, bool] = {}
+
+
+def _container(model: nn.Module) -> TunerContainer | None:
+    container = getattr(model, CONTAINER_NAME, None)
+    return container if isinstance(container, TunerContainer) else None
+
+
+def list_tuners(model: nn.Module) -> dict[str, Tuner]:
+    """The tuners attached to ``model``, by name (empty when none)."""
+    container = _container(model)
+    return dict(container.items()) if container is not None else {}
+
+
+def get_tuner(model: nn.Module, name: str = "default") -> Tuner:
+    tuners = list_tuners(model)
+    if name not in tuners:
+        raise TunerError(f"no tuner named {name!r} is attached; attached: {sorted(tuners) or 'none'}")
+    return tuners[name]
+
+
+def select_tuners(model: nn.Module, name: str | Iterable[str] | None) -> dict[str, Tuner]:
+    tuners = list_tuners(model)
+    if name is None:
+        if not tuners:
+            raise TunerError(f"{type(model).__name__} has no tuners attached")
+        return tuners
+    names = [name] if isinstance(name, str) else list(name)
+    return {n: get_tuner(model, n) for n in names}
+
+
+def _backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    prefix = CONTAINER_NAME + "."
+    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix)}
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise TunerError(f"tuner name {name!r} must be a non-empty string of letters, digits, '_' or '-'")
+    existing = list_tuners(model).get(name)
+    if existing is not None:
+        raise TunerError(
+            f"a tuner named {name!r} ({type(existing).__name__}) is already attached to "
+            f"{type(model).__name__}; detach it first or choose another name"
+        )
+
+
+def build_tuner(model: nn.Module, config: TunerConfig) -> Tuner:
+    """Size a tuner for ``model`` without attaching it (raises for a backbone it cannot serve)."""
+    if not isinstance(config, TunerConfig):
+        raise TunerError(f"expected a TunerConfig (e.g. vistune.SCTunerConfig()), got {type(config).__name__}")
+    return get_tuner_entry(config.tuner_type).tuner_class(config, model)
+
+
+def attach(model: nn.Module, config: TunerConfig, name: str = "default", *, trainable: bool = True) -> Tuner:
+    """Attach a new tuner built from ``config`` to ``model`` under ``name`` and return it.
+
+    The backbone's own weights are frozen; the tuner's parameters require grad when ``trainable``. On any error
+    the model is left exactly as it was.
+    """
+    check_name(model, name)
+    tuner = build_tuner(model, config)
+    return add_tuner(model, tuner, name, trainable=trainable)
+
+
+def add_tuner(model: nn.Module, tuner: Tuner, name: str, *, trainable: bool = True) -> Tuner:
+    """Attach an already built tuner (used by :func:`attach` and the checkpoint loader)."""
+    check_name(model, name)
+    device, dtype = _placement(model)
+    tuner.to(device=device, dtype=dtype)
+    container = _container(model)
+    created = container is None
+    if created:
+        container = TunerContainer()
+        container.saved_requires_grad = {n: p.requires_grad for n, p in _backbone_parameters(model).items()}
+        setattr(model, CONTAINER_NAME, container)
+    tuner.name = name
+    container[name] = tuner
+    try:
+        tuner.install(model)
+    except BaseException:
+        del container[name]
+        if created:
+            delattr(model, CONTAINER_NAME)
+        raise
+    tuner.requires_grad_(trainable)
+    _refresh_backbone_grad(model)
+    return tuner
+
+
+def _refresh_backbone_grad(model: nn.Module) -> None:
+    """Freeze the backbone except the parameters some trainable tuner asks to train."""
+    wanted: set[int] = set()
+    for tuner in list_tuners(model).values():
+        if any(p.requires_grad for p in tuner.parameters()):
+            wanted.update(id(p) for p in tuner.backbone_parameters_to_train(model))
+    for param in _backbone_parameters(model).values():
+        param.requires_grad_(id(param) in wanted)
+
+
+def detach(model: nn.Module, name: str | Iterable[str] | None = None) -> dict[str, Tuner]:
+    """Remove the named tuners (all when ``name`` is None) and return them.
+
+    When the last tuner goes, the container is deleted and every backbone ``requires_grad`` flag is restored,
+    so the backbone computes exactly what it computed before :func:`attach`.
+    """
+    selected = select_tuners(model, name)
+    container = _container(model)
+    for tuner_name, tuner in selected.items():
+        tuner.uninstall(model)
+        del container[tuner_name]
+    if len(container) == 0:
+        saved = container.saved_requires_grad
+        delattr(model, CONTAINER_NAME)
+        for param_name, param in _backbone_parameters(model).items():
+            param.requires_grad_(saved.get(param_name, param.requires_grad))
+    else:
+        _refresh_backbone_grad(model)
+    return selected
+
+
+def set_scale(model: nn.Module, scale: float, name: str | Iterable[str] | None = None) -> None:
+    """Set the inference strength of the named tuners (all when ``name`` is None); 0 turns them off exactly."""
+    for tuner in select_tuners(model, name).values():
+        tuner.scale = scale
+
+
+def merge_and_unload(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Module:
+    """Fold mergeable tuners into the backbone's weights and detach them; a clear error for the others."""
+    selected = select_tuners(model, name)
+    for tuner in selected.values():
+        tuner.merge(model)
+    detach(model, list(selected))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` that requires grad (after attach: the tuners' and what they train)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """A peft-style line of trainable vs all parameters, followed by one line per attached tuner."""
+    all_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    percent = 100.0 * trainable / all_params if all_params else 0.0
+    lines = [f"trainable params: {trainable:,d} || all params: {all_params:,d} || trainable%: {percent:.4f}"]
+    for tuner_name, tuner in list_tuners(model).items():
+        count = sum(p.numel() for p in tuner.parameters())
+        lines.append(f"  {tuner_name}: {type(tuner).__name__} {count:,d} params, scale {tuner.scale:g}")
+    return "\n".join(lines)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    print(parameter_summary(model))

@@ -1,0 +1,42 @@
+"""Config of SCEdit's SC-Tuner."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+from ...core.config import TunerConfig
+from ...core.errors import TunerError
+
+
+@dataclasses.dataclass
+class SCTunerConfig(TunerConfig):
+    """SC-Tuner: a residual MLP on every U-Net skip connection where the decoder reads it (SCEdit).
+
+    Args:
+        down_ratio: hidden width of each skip MLP as a fraction of the skip's channels (official recipe: 1.0).
+        target_skips: decoder indices of the skips to tune (0 = deepest, read first); ``None`` tunes all.
+        scale: inference strength (0 = off, exactly the base model).
+    """
+
+    tuner_type: ClassVar[str] = "sc_tuner"
+    down_ratio: float = 1.0
+    target_skips: Optional[list[int]] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.down_ratio = float(self.down_ratio)
+        if not self.down_ratio > 0:
+            raise TunerError(f"down_ratio must be > 0, got {self.down_ratio}")
+        if self.target_skips is not None:
+            skips = [int(m) for m in self.target_skips]
+            if not skips or min(skips) < 0 or len(set(skips)) != len(skips):
+                raise TunerError(f"target_skips must be distinct non-negative decoder indices, got {self.target_skips}")
+            self.target_skips = sorted(skips)
+
+    def hidden_width(self, channels: int) -> int:
+        """Hidden width of the MLP on a skip of ``channels`` channels (``int(channels * down_ratio)``, as SCEdit)."""
+        width = int(channels * self.down_ratio)
+        if width < 1:
+            raise TunerError(f"down_ratio {self.down_ratio} leaves no hidden units for a {channels}-channel skip")
+        return width
