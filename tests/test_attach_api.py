@@ -107,3 +107,33 @@ def test_attach_matches_backbone_dtype_and_runs_in_half_precision_dtype(inputs):
     sample, timestep, context = inputs
     out = unet(sample.bfloat16(), timestep, encoder_hidden_states=context.bfloat16()).sample
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_disabled_context_turns_tuners_off_and_restores_their_scales(unet, inputs):
+    base = run_unet(unet, inputs)
+    tuner = vistune.attach(unet, SCTunerConfig(scale=0.6))
+    randomize(tuner)
+    tuned = run_unet(unet, inputs)
+    with vistune.disabled(unet):
+        assert torch.equal(run_unet(unet, inputs), base)
+    assert tuner.scale == 0.6 and torch.equal(run_unet(unet, inputs), tuned)
+
+
+class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel, which keeps the model in .module
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_api_sees_through_ddp_style_wrappers(unet, inputs, tmp_path):
+    wrapped = Wrapper(unet)
+    tuner = vistune.attach(wrapped, SCTunerConfig(), name="style")
+    assert vistune.get_tuner(unet, "style") is tuner and vistune.list_tuners(wrapped) == {"style": tuner}
+    randomize(tuner)
+    vistune.save_tuners(wrapped, tmp_path)
+    vistune.detach(wrapped)
+    assert vistune.load_tuners(Wrapper(unet), tmp_path) == ["style"]
+    assert hasattr(unet, "vistune_tuners")

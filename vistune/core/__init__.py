@@ -5,6 +5,7 @@ from .errors import BackboneMismatchError, CheckpointError, TunerError
 from .model import (
     attach,
     detach,
+    disabled,
     get_tuner,
     list_tuners,
     merge_and_unload,
@@ -27,6 +28,7 @@ __all__ = [
     "TunerError",
     "attach",
     "detach",
+    "disabled",
     "get_tuner",
     "list_tuners",
     "load_tuners",

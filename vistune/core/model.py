@@ -8,8 +8,9 @@ both and restores every ``requires_grad`` flag, leaving the backbone exactly as 
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,8 +32,17 @@ class TunerContainer(nn.ModuleDict):
         self.saved_requires_grad: dict[str, bool] = {}
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The backbone inside a DDP/FSDP wrapper (``.module``) or a ``torch.compile`` result (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+
+
 def _container(model: nn.Module) -> TunerContainer | None:
-    container = getattr(model, CONTAINER_NAME, None)
+    container = getattr(unwrap(model), CONTAINER_NAME, None)
     return container if isinstance(container, TunerContainer) else None
 
 
@@ -95,6 +105,7 @@ def attach(model: nn.Module, config: TunerConfig, name: str = "default", *, trai
     The backbone's own weights are frozen; the tuner's parameters require grad when ``trainable``. On any error
     the model is left exactly as it was.
     """
+    model = unwrap(model)
     check_name(model, name)
     tuner = build_tuner(model, config)
     return add_tuner(model, tuner, name, trainable=trainable)
@@ -102,6 +113,7 @@ def attach(model: nn.Module, config: TunerConfig, name: str = "default", *, trai
 
 def add_tuner(model: nn.Module, tuner: Tuner, name: str, *, trainable: bool = True) -> Tuner:
     """Attach an already built tuner (used by :func:`attach` and the checkpoint loader)."""
+    model = unwrap(model)
     check_name(model, name)
     device, dtype = _placement(model)
     tuner.to(device=device, dtype=dtype)
@@ -141,6 +153,7 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None) -> dict[st
     When the last tuner goes, the container is deleted and every backbone ``requires_grad`` flag is restored,
     so the backbone computes exactly what it computed before :func:`attach`.
     """
+    model = unwrap(model)
     selected = select_tuners(model, name)
     container = _container(model)
     for tuner_name, tuner in selected.items():
@@ -162,8 +175,23 @@ def set_scale(model: nn.Module, scale: float, name: str | Iterable[str] | None =
         tuner.scale = scale
 
 
+@contextlib.contextmanager
+def disabled(model: nn.Module, name: str | Iterable[str] | None = None) -> Iterator[None]:
+    """Run the backbone without the named tuners (all when None) inside a ``with`` block; scales come back after."""
+    tuners = select_tuners(model, name)
+    saved = {tuner_name: tuner.scale for tuner_name, tuner in tuners.items()}
+    try:
+        for tuner in tuners.values():
+            tuner.scale = 0.0
+        yield
+    finally:
+        for tuner_name, tuner in tuners.items():
+            tuner.scale = saved[tuner_name]
+
+
 def merge_and_unload(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Module:
     """Fold mergeable tuners into the backbone's weights and detach them; a clear error for the others."""
+    model = unwrap(model)
     selected = select_tuners(model, name)
     for tuner in selected.values():
         tuner.merge(model)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import TunerConfig
 from .errors import BackboneMismatchError, CheckpointError, TunerError
-from .model import select_tuners, add_tuner, build_tuner, check_name, detach
+from .model import add_tuner, build_tuner, check_name, detach, select_tuners, unwrap
 from .registry import registered_tuners
 from .tuner import Tuner
 
@@ -195,6 +195,7 @@ def load_tuners(
     Everything is read and checked before anything is attached, so a bad checkpoint leaves ``model`` unchanged.
     Returns the names attached.
     """
+    model = unwrap(model)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")

@@ -16,7 +16,8 @@ class SCTunerConfig(TunerConfig):
     Args:
         down_ratio: hidden width of each skip MLP as a fraction of the skip's channels (official recipe: 1.0).
         target_skips: decoder indices of the skips to tune (0 = deepest, read first); ``None`` tunes all.
-        scale: inference strength (0 = off, exactly the base model).
+        scale: inference strength: ``x + scale * MLP(x)``; 0 is exactly the base model. Values above 1
+            extrapolate (SCEdit's own code clamps its ``tuner_scale`` at 1).
     """
 
     tuner_type: ClassVar[str] = "sc_tuner"
