@@ -12,6 +12,13 @@ from vistune.testing import tiny_unet
 from .conftest import randomize, run_unet
 
 
+def forget_hash(path):
+    """Drop the recorded weights hash, as a hand-edited folder would, so the deeper checks are exercised."""
+    record = json.loads((path / CONFIG_NAME).read_text())
+    record.pop("weights_sha256")
+    (path / CONFIG_NAME).write_text(json.dumps(record))
+
+
 @pytest.fixture
 def tuned(unet):
     tuner = vistune.attach(unet, SCTunerConfig(down_ratio=0.5, scale=0.8), name="style")
@@ -29,10 +36,11 @@ def test_save_then_load_into_a_fresh_unet_reproduces_outputs(tuned, inputs, tmp_
     assert vistune.load_tuners(fresh, path) == ["style"]
     assert vistune.get_tuner(fresh, "style").scale == 0.8
     assert torch.equal(run_unet(fresh, inputs), expected)
-    assert vistune.trainable_parameters(fresh) == []  # loaded for inference unless asked
+    assert not any(p.requires_grad for p in vistune.get_tuner(fresh, "style").parameters())  # inference by default
     vistune.detach(fresh)
     assert vistune.load_tuners(fresh, path, name="renamed", trainable=True) == ["renamed"]
-    assert len(vistune.trainable_parameters(fresh)) == len(list(vistune.get_tuner(fresh, "renamed").parameters()))
+    renamed = vistune.get_tuner(fresh, "renamed")
+    assert {id(p) for p in vistune.trainable_parameters(fresh)} == {id(p) for p in renamed.parameters()}
 
 
 def test_several_tuners_save_to_named_subfolders(tuned, inputs, tmp_path):
@@ -70,6 +78,9 @@ def test_truncated_and_corrupt_weights_give_clear_errors(tuned, tmp_path):
     data = weights.read_bytes()
     fresh = tiny_unet()
     weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="does not match the hash"):
+        vistune.load_tuners(fresh, path)
+    forget_hash(path)
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         vistune.load_tuners(fresh, path)
     weights.write_bytes(b"\x00garbage" * 10)
@@ -98,6 +109,7 @@ def test_weights_with_wrong_keys_are_refused(tuned, tmp_path):
     state = safetensors.torch.load_file(str(path / WEIGHTS_NAME))
     state.pop(sorted(state)[0])
     safetensors.torch.save_file(state, str(path / WEIGHTS_NAME))
+    forget_hash(path)
     with pytest.raises(CheckpointError, match="missing keys"):
         vistune.load_tuners(tiny_unet(), path)
 
@@ -107,12 +119,44 @@ def test_a_failed_save_leaves_the_previous_files_intact(tuned, tmp_path, monkeyp
     before = {name: (path / name).read_bytes() for name in os.listdir(path)}
     randomize(vistune.get_tuner(tuned, "style"), seed=9)
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    real_fsync = os.fsync
+
+    def crash(fd):  # the temp file is written, then the disk fails before it can replace the old one
+        real_fsync(fd)
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         vistune.save_tuners(tuned, path)
     assert {name: (path / name).read_bytes() for name in os.listdir(path)} == before  # no temp file left either
+
+
+def test_weights_from_another_save_are_detected(tuned, tmp_path):
+    first = vistune.save_tuners(tuned, tmp_path / "a")
+    randomize(vistune.get_tuner(tuned, "style"), seed=7)
+    second = vistune.save_tuners(tuned, tmp_path / "b")
+    (first / WEIGHTS_NAME).write_bytes((second / WEIGHTS_NAME).read_bytes())  # as if a save died between renames
+    with pytest.raises(CheckpointError, match="does not match the hash"):
+        vistune.load_tuners(tiny_unet(), first)
+
+
+def test_a_folder_with_a_top_tuner_and_named_tuners_is_ambiguous(tuned, tmp_path):
+    vistune.save_tuners(tuned, tmp_path)
+    vistune.save_tuners(tuned, tmp_path / "other")
+    with pytest.raises(CheckpointError, match="holds a tuner at its top and tuners in"):
+        vistune.load_tuners(tiny_unet(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("down_ratio", "abc"), ("scale", None), ("target_skips", 3), ("down_ratio", 1e400),
+                     ("target_skips", [0.7, 1.2]), ("down_ratio", True)]
+)
+def test_bad_config_values_in_a_file_give_checkpoint_errors(tuned, tmp_path, field, value):
+    path = vistune.save_tuners(tuned, tmp_path)
+    record = json.loads((path / CONFIG_NAME).read_text())
+    record["config"][field] = value
+    (path / CONFIG_NAME).write_text(json.dumps(record))
+    fresh = tiny_unet()
+    with pytest.raises(CheckpointError, match=field):
+        vistune.load_tuners(fresh, path)
+    assert vistune.list_tuners(fresh) == {}

@@ -64,14 +64,15 @@ def test_site_hooks_exist_only_while_editors_are_registered(unet, inputs):
         seen.append(skip.decoder_index)
         return torch.ones_like(x) if skip.decoder_index == 0 else None
 
-    site.add_editor("probe", editor)
+    site.add_editor(unet, "probe", editor)
     assert all(len(block._forward_pre_hooks) == 1 for block in unet.up_blocks)
     changed = run_unet(unet, inputs)
     assert sorted(seen) == list(range(6))
     assert not torch.equal(changed, base)
     with pytest.raises(KeyError):
-        site.add_editor("probe", editor)
-    site.remove_editor("probe")
+        site.add_editor(unet, "probe", editor)
+    site.remove_editor(unet, "probe")
+    assert not hasattr(unet, "_vistune_unet_skip_site")
     assert all(len(block._forward_pre_hooks) == 0 for block in unet.up_blocks)
     assert torch.equal(run_unet(unet, inputs), base)
 
@@ -92,10 +93,10 @@ def test_unet2dmodel_positional_skips_are_found_and_edited():
     base = model(x, 5).sample
     site = unet_skip_site(model)
     calls = []
-    site.add_editor("probe", lambda skip, t: calls.append(skip.decoder_index) or torch.zeros_like(t) + 0.5)
+    site.add_editor(model, "probe", lambda skip, t: calls.append(skip.decoder_index) or torch.zeros_like(t) + 0.5)
     assert not torch.equal(model(x, 5).sample, base)
     assert sorted(calls) == [0, 1, 2, 3]
-    site.remove_editor("probe")
+    site.remove_editor(model, "probe")
     assert torch.equal(model(x, 5).sample, base)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from numbers import Integral, Real
 from typing import Any, ClassVar
 
 from .errors import TunerError
@@ -22,7 +24,7 @@ class TunerConfig:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        self.scale = float(self.scale)
+        self.scale = real_field("scale", self.scale)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON types, with its ``tuner_type``."""
@@ -49,7 +51,10 @@ class TunerConfig:
             raise TunerError(
                 f"unknown field(s) {unknown} for {config_cls.__name__}; known fields: {sorted(known)}"
             )
-        return config_cls(**data)
+        try:
+            return config_cls(**data)
+        except TypeError as err:  # e.g. a required field missing
+            raise TunerError(f"cannot build {config_cls.__name__}: {err}") from err
 
     @classmethod
     def from_json(cls, text: str) -> "TunerConfig":
@@ -60,3 +65,19 @@ class TunerConfig:
         if not isinstance(data, dict):
             raise TunerError("tuner config JSON must be an object")
         return cls.from_dict(data)
+
+
+def real_field(name: str, value: Any) -> float:
+    """``value`` as a finite float, or a :class:`TunerError` naming the field."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise TunerError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def index_list_field(name: str, value: Any) -> list[int]:
+    """``value`` as a sorted list of distinct non-negative ints, or a :class:`TunerError` naming the field."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TunerError(f"{name} must be a non-empty list of indices, got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, Integral) or v < 0 for v in value) or len(set(value)) != len(value):
+        raise TunerError(f"{name} must hold distinct non-negative integers, got {value!r}")
+    return sorted(int(v) for v in value)

@@ -74,16 +74,33 @@ def _backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if not n.startswith(prefix)}
 
 
-def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.device, param.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
+_PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _placement(model: nn.Module, trainable: bool) -> tuple[torch.device, torch.dtype]:
+    """Where a new tuner goes: the backbone's device; its dtype, but fp32 for trainable tuners on a half-precision
+    backbone (as diffusers' ``cast_training_params`` and peft do) and for storage dtypes such as float8."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    real = [p for p in params if p.device.type != "meta"]
+    if params and not real and any(hasattr(m, "_hf_hook") for m in model.modules()):
+        raise TunerError(
+            f"{type(model).__name__} is offloaded (its weights sit on the meta device behind accelerate hooks); "
+            "attach tuners before enable_sequential_cpu_offload()"
+        )
+    reference = (real or params or [None])[0]
+    if reference is None:
+        return torch.device("cpu"), torch.float32
+    dtype = reference.dtype if reference.dtype in _PLAIN_FLOATS else torch.float32
+    if trainable and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return reference.device, dtype
 
 
 def check_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
         raise TunerError(f"tuner name {name!r} must be a non-empty string of letters, digits, '_' or '-'")
+    if hasattr(TunerContainer, name):
+        raise TunerError(f"tuner name {name!r} is reserved (a torch.nn.Module attribute); choose another name")
     existing = list_tuners(model).get(name)
     if existing is not None:
         raise TunerError(
@@ -115,7 +132,7 @@ def add_tuner(model: nn.Module, tuner: Tuner, name: str, *, trainable: bool = Tr
     """Attach an already built tuner (used by :func:`attach` and the checkpoint loader)."""
     model = unwrap(model)
     check_name(model, name)
-    device, dtype = _placement(model)
+    device, dtype = _placement(model, trainable)
     tuner.to(device=device, dtype=dtype)
     container = _container(model)
     created = container is None
@@ -138,12 +155,17 @@ def add_tuner(model: nn.Module, tuner: Tuner, name: str, *, trainable: bool = Tr
 
 
 def _refresh_backbone_grad(model: nn.Module) -> None:
-    """Freeze the backbone except the parameters some trainable tuner asks to train."""
-    wanted: set[int] = set()
-    for tuner in list_tuners(model).values():
-        if any(p.requires_grad for p in tuner.parameters()):
-            wanted.update(id(p) for p in tuner.backbone_parameters_to_train(model))
-    for param in _backbone_parameters(model).values():
+    """While some tuner trains, freeze the backbone except the parameters such tuners ask to train; with only
+    inference tuners attached, the backbone keeps the flags it had before the first attach."""
+    trainable = [t for t in list_tuners(model).values() if any(p.requires_grad for p in t.parameters())]
+    backbone = _backbone_parameters(model)
+    if not trainable:
+        saved = _container(model).saved_requires_grad
+        for param_name, param in backbone.items():
+            param.requires_grad_(saved.get(param_name, param.requires_grad))
+        return
+    wanted = {id(p) for tuner in trainable for p in tuner.backbone_parameters_to_train(model)}
+    for param in backbone.values():
         param.requires_grad_(id(param) in wanted)
 
 

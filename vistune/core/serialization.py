@@ -7,6 +7,7 @@ objects; a registered converter then maps their keys onto a vistune tuner.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -52,14 +53,18 @@ def _save_one(tuner: Tuner, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in tuner.state_dict().items()}
     metadata = {"format": "pt", "tuner_type": tuner.config.tuner_type}
+    data = safetensors.torch.save(state, metadata=metadata)
     record = {
         "name": tuner.name,
         "tuner_type": tuner.config.tuner_type,
         "config": tuner.config.to_dict(),
         "layout": tuner.layout,
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
         "vistune_version": _version(),
     }
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=metadata))
+    # Each file is replaced atomically; the config names the hash of its weights, so a save interrupted
+    # between the two renames is detected at load instead of pairing new weights with an old config.
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
@@ -155,7 +160,7 @@ def _prepare_from_directory(model: nn.Module, directory: Path) -> tuple[str, Tun
         raise CheckpointError(f"{config_path}: {err}") from err
     tuner = build_tuner(model, config)
     saved_layout = record.get("layout", {})
-    if saved_layout != tuner.layout:
+    if saved_layout != json.loads(json.dumps(tuner.layout)):
         raise BackboneMismatchError(
             f"{directory} was saved for another {type(model).__name__} layout: "
             + _describe_difference(saved_layout, tuner.layout)
@@ -163,6 +168,12 @@ def _prepare_from_directory(model: nn.Module, directory: Path) -> tuple[str, Tun
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    expected = record.get("weights_sha256")
+    if expected is not None and hashlib.sha256(weights.read_bytes()).hexdigest() != expected:
+        raise CheckpointError(
+            f"{weights} does not match the hash recorded in {CONFIG_NAME} (an interrupted save, or files "
+            "from two different saves)"
+        )
     _load_weights(tuner, read_state_dict(weights), str(weights))
     return str(record.get("name") or "default"), tuner
 
@@ -179,6 +190,22 @@ def _prepare_from_foreign_file(model: nn.Module, path: Path) -> Tuner:
                 return tuner
     sample = sorted(state)[:5]
     raise CheckpointError(f"no registered tuner recognises the keys of {path} (first keys: {sample})")
+
+
+def _prepare_folder(model: nn.Module, path: Path, name: str | None) -> list[tuple[str, Tuner]]:
+    folders = sorted(p for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+    if (path / CONFIG_NAME).is_file():
+        if folders:
+            raise CheckpointError(
+                f"{path} holds a tuner at its top and tuners in {[f.name for f in folders]}; load one of them"
+            )
+        saved_name, tuner = _prepare_from_directory(model, path)
+        return [(name or saved_name, tuner)]
+    if not folders:
+        raise CheckpointError(f"{path} holds no tuner: expected {CONFIG_NAME} and {WEIGHTS_NAME}, or sub-folders that do")
+    if name is not None:
+        raise TunerError(f"{path} holds {len(folders)} tuners; 'name' can only rename a single tuner")
+    return [(folder.name, _prepare_from_directory(model, folder)[1]) for folder in folders]
 
 
 def load_tuners(
@@ -199,21 +226,10 @@ def load_tuners(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    prepared: list[tuple[str, Tuner]] = []
     if path.is_file():
-        prepared.append((name or "default", _prepare_from_foreign_file(model, path)))
-    elif (path / CONFIG_NAME).is_file():
-        saved_name, tuner = _prepare_from_directory(model, path)
-        prepared.append((name or saved_name, tuner))
+        prepared = [(name or "default", _prepare_from_foreign_file(model, path))]
     else:
-        folders = sorted(p for p in path.iterdir() if (p / CONFIG_NAME).is_file())
-        if not folders:
-            raise CheckpointError(
-                f"{path} holds no tuner: expected {CONFIG_NAME} and {WEIGHTS_NAME}, or sub-folders that do"
-            )
-        if name is not None:
-            raise TunerError(f"{path} holds {len(folders)} tuners; 'name' can only rename a single tuner")
-        prepared = [(folder.name, _prepare_from_directory(model, folder)[1]) for folder in folders]
+        prepared = _prepare_folder(model, path, name)
     for tuner_name, _ in prepared:
         check_name(model, tuner_name)
     if len({n for n, _ in prepared}) != len(prepared):

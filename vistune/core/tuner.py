@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar, Iterable
 
 from torch import nn
 
-from .config import TunerConfig
+from .config import TunerConfig, real_field
 from .errors import TunerError
 
 
@@ -26,18 +27,22 @@ class Tuner(nn.Module):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TunerError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+        self.config = copy.deepcopy(config)  # each tuner owns its config; the caller's object stays untouched
         self.name = "default"
         self.layout: dict[str, Any] = {}
+        self._scale = self.config.scale
 
     @property
     def scale(self) -> float:
-        """Inference strength: 0 disables the tuner exactly, 1 is the trained strength."""
-        return self.config.scale
+        """Run-time strength: 0 disables the tuner exactly, 1 is the trained strength.
+
+        Starts at ``config.scale``; changing it (``vistune.set_scale``) does not change the saved config.
+        """
+        return self._scale
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self.config.scale = float(value)
+        self._scale = real_field("scale", value)
 
     def install(self, backbone: nn.Module) -> None:
         """Register the hooks that route the backbone's activations through this tuner."""

@@ -16,8 +16,6 @@ tuners were attached or loaded in. FreeU, when enabled, acts after these hooks.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import weakref
 from typing import Any, Callable
 
 import torch
@@ -113,62 +111,82 @@ def find_unet_skips(unet: nn.Module) -> list[UNetSkip]:
 
 
 def _check_up_block_inputs(unet: nn.Module, skips: list[UNetSkip]) -> None:
-    """Each up-block resnet reads ``cat([hidden, skip])``: its input width must exceed the skip's width."""
-    for skip in skips:
-        block = unet.up_blocks[skip.up_block]
-        resnet = block.resnets[len(block.resnets) - 1 - skip.position]
-        in_channels = getattr(resnet, "in_channels", None)
-        if isinstance(in_channels, int) and in_channels <= skip.channels:
-            raise BackboneMismatchError(
-                f"up_blocks.{skip.up_block} resnet reads {in_channels} channels, not more than its "
-                f"{skip.channels}-channel skip; this U-Net layout is not supported"
-            )
+    """Each up-block resnet reads ``cat([hidden, skip])``: its input width must be hidden width + skip width.
+
+    Confirms the skip-to-resnet assignment against the module tree before any hook is installed.
+    """
+    mid = getattr(unet, "mid_block", None)
+    mid_resnets = getattr(mid, "resnets", None)
+    hidden = _channels(mid_resnets[-1], "mid_block") if mid_resnets else skips[0].channels
+    by_place = {(s.up_block, s.position): s for s in skips}
+    for b, block in enumerate(unet.up_blocks):
+        n = len(block.resnets)
+        for k, resnet in enumerate(block.resnets):
+            skip = by_place[(b, n - 1 - k)]
+            in_channels = getattr(resnet, "in_channels", None)
+            if isinstance(in_channels, int) and in_channels != hidden + skip.channels:
+                raise BackboneMismatchError(
+                    f"up_blocks.{b}.resnets.{k} reads {in_channels} channels, expected {hidden} hidden + "
+                    f"{skip.channels} skip; this U-Net layout is not supported"
+                )
+            hidden = _channels(resnet, f"up_blocks.{b}.resnets.{k}")
+
+
+_SITE_ATTR = "_vistune_unet_skip_site"
+
+
+class _SkipHook:
+    """The pre-hook of one up block; a small object (not a closure) so it survives deepcopy and pickling."""
+
+    def __init__(self, site: "UNetSkipSite", block_index: int):
+        self.site = site
+        self.block_index = block_index
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        return self.site.pre_hook(self.block_index, args, kwargs)
 
 
 class UNetSkipSite:
     """The up-block pre-hooks of one U-Net, shared by every tuner that edits its skips.
 
-    Hooks exist only while at least one editor is registered, so a U-Net with no tuners runs its stock code.
+    The site lives on the U-Net (a private attribute) only while at least one editor is registered, so a U-Net
+    with no tuners runs its stock code, and a ``deepcopy`` of a tuned U-Net carries its own site and hooks.
     """
 
     def __init__(self, unet: nn.Module):
         self.skips = find_unet_skips(unet)
-        self._unet_ref = weakref.ref(unet)
         self._by_block: dict[int, dict[int, UNetSkip]] = {}
         for skip in self.skips:
             self._by_block.setdefault(skip.up_block, {})[skip.position] = skip
         self._editors: dict[str, SkipEditor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def editors(self) -> dict[str, SkipEditor]:
         return dict(self._editors)
 
-    def add_editor(self, key: str, editor: SkipEditor) -> None:
+    def add_editor(self, unet: nn.Module, key: str, editor: SkipEditor) -> None:
         """Route every skip through ``editor``; ``key`` (the tuner's name) orders the deltas and removes it again."""
         if key in self._editors:
             raise KeyError(f"an editor with key {key!r} is already registered")
-        if not self._handles:
-            self._install()
+        if not self._editors:
+            for b, block in enumerate(unet.up_blocks):
+                block.register_forward_pre_hook(_SkipHook(self, b), with_kwargs=True)
         self._editors = dict(sorted({**self._editors, key: editor}.items()))
 
-    def remove_editor(self, key: str) -> None:
+    def remove_editor(self, unet: nn.Module, key: str) -> None:
+        """Unregister ``key``; the last one out removes the hooks and the site itself."""
         self._editors.pop(key, None)
-        if not self._editors:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-            unet = self._unet_ref()
-            if unet is not None and _SITES.get(unet) is self:
-                del _SITES[unet]
+        if self._editors:
+            return
+        for block in unet.up_blocks:
+            for hook_id, hook in list(block._forward_pre_hooks.items()):
+                if isinstance(hook, _SkipHook) and hook.site is self:
+                    del block._forward_pre_hooks[hook_id]
+                    block._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        if unet.__dict__.get(_SITE_ATTR) is self:
+            del unet.__dict__[_SITE_ATTR]
 
-    def _install(self) -> None:
-        unet = self._unet_ref()
-        for b, block in enumerate(unet.up_blocks):
-            hook = functools.partial(self._pre_hook, b)
-            self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _pre_hook(self, block_index: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+    def pre_hook(self, block_index: int, args: tuple, kwargs: dict[str, Any]):
         if "res_hidden_states_tuple" in kwargs:
             kwargs["res_hidden_states_tuple"] = self._edit(block_index, kwargs["res_hidden_states_tuple"])
         elif len(args) >= 2:  # UNet2DModel calls up blocks positionally: (hidden, res_samples, temb, ...)
@@ -199,13 +217,10 @@ class UNetSkipSite:
         return tuple(edited)
 
 
-_SITES: "weakref.WeakKeyDictionary[nn.Module, UNetSkipSite]" = weakref.WeakKeyDictionary()
-
-
 def unet_skip_site(unet: nn.Module) -> UNetSkipSite:
-    """The shared skip site of ``unet``, created on first use."""
-    site = _SITES.get(unet)
+    """The shared skip site of ``unet``, created on first use (it removes itself with its last editor)."""
+    site = unet.__dict__.get(_SITE_ATTR)
     if site is None:
         site = UNetSkipSite(unet)
-        _SITES[unet] = site
+        unet.__dict__[_SITE_ATTR] = site
     return site

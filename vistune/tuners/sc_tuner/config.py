@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from ...core.config import TunerConfig
+from ...core.config import TunerConfig, index_list_field, real_field
 from ...core.errors import TunerError
 
 
@@ -26,14 +26,11 @@ class SCTunerConfig(TunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.down_ratio = float(self.down_ratio)
-        if not self.down_ratio > 0:
-            raise TunerError(f"down_ratio must be > 0, got {self.down_ratio}")
+        self.down_ratio = real_field("down_ratio", self.down_ratio)
+        if not 0 < self.down_ratio <= 64:
+            raise TunerError(f"down_ratio must be in (0, 64], got {self.down_ratio}")
         if self.target_skips is not None:
-            skips = [int(m) for m in self.target_skips]
-            if not skips or min(skips) < 0 or len(set(skips)) != len(skips):
-                raise TunerError(f"target_skips must be distinct non-negative decoder indices, got {self.target_skips}")
-            self.target_skips = sorted(skips)
+            self.target_skips = index_list_field("target_skips", self.target_skips)
 
     def hidden_width(self, channels: int) -> int:
         """Hidden width of the MLP on a skip of ``channels`` channels (``int(channels * down_ratio)``, as SCEdit)."""

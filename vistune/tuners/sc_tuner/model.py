@@ -36,13 +36,13 @@ class SCTuner(Tuner):
         self.layout = {"skip_channels": [skip.channels for skip in skips]}
 
     def install(self, unet: nn.Module) -> None:
-        unet_skip_site(unet).add_editor(self.name, self._edit)
+        unet_skip_site(unet).add_editor(unet, self.name, self._edit)
 
     def uninstall(self, unet: nn.Module) -> None:
-        unet_skip_site(unet).remove_editor(self.name)
+        unet_skip_site(unet).remove_editor(unet, self.name)
 
     def _edit(self, skip: UNetSkip, x: torch.Tensor) -> torch.Tensor | None:
-        scale = self.config.scale
+        scale = self.scale
         key = str(skip.decoder_index)
         if scale == 0 or key not in self.skips:
             return None
