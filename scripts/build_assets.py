@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""Build the models vistune ships in ``assets/``, trained on the procedural shapes world, with no download.
+
+    python scripts/build_assets.py                          # every stage (see assets/README.md for the time)
+    python scripts/build_assets.py --stages sd,report       # some stages; earlier outputs are reused
+    python scripts/build_assets.py --stages sd --resume     # continue an interrupted stage from its checkpoint
+
+Stages:
+  tokenizer  a CLIP BPE tokenizer with one token per shapes-world word
+  vae        an AutoencoderKL (32x32 RGB <-> 4x8x8 latents) on every style, L1 + MSE + tiny KL
+  sd         a CLIPTextModel + cross-attention UNet2DConditionModel trained together on latents:
+             v-prediction, cosine schedule, min-SNR-5 weighting, 10% caption dropout, EMA weights
+  vit        a timm VisionTransformer (64x64, patch 8) for multi-label (colour, shape) recognition
+  report     caption fidelity on held-out (shape, colour) prompts, a grid image, build_report.json
+
+The SD folder loads with ``StableDiffusionPipeline.from_pretrained("assets/tiny-sd-shapes")`` and the ViT with
+``timm.create_model("local-dir:assets/tiny-vit-shapes")``. Checkpoints (safetensors + JSON) go to --work_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from vistune.data import (
+    BACKGROUNDS,
+    COLORS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    STYLES,
+    held_out_prompts,
+    sample_scene,
+    write_word_tokenizer,
+)
+from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
+
+SD_RES = 32
+VIT_RES = 64
+MAX_TOKENS = 16
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="assets")
+    p.add_argument("--work_dir", default="build/assets", help="checkpoints and intermediate files")
+    p.add_argument("--stages", default="tokenizer,vae,sd,vit,report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_images", type=int, default=20000, help="training scenes for the SD stages")
+    p.add_argument("--vae_steps", type=int, default=1200)
+    p.add_argument("--sd_steps", type=int, default=6000)
+    p.add_argument("--sd_batch_size", type=int, default=128)
+    p.add_argument("--sd_learning_rate", type=float, default=1e-3)
+    p.add_argument("--unet_channels", default="64,128")
+    p.add_argument("--vit_steps", type=int, default=1500)
+    p.add_argument("--vit_images", type=int, default=20000, help="training scenes for the ViT (test: a tenth)")
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    p.add_argument("--eval_images_per_prompt", type=int, default=8)
+    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def shapes_data(count: int, seed: int, size: int, styles=("plain",), exclude=HELD_OUT_PAIRS):
+    """``count`` scenes (styles taken in turn) as a float tensor in [-1, 1] and their captions."""
+    images = np.empty((count, size, size, 3), np.uint8)
+    captions = []
+    for i in tqdm(range(count), desc=f"shapes world {size}px", leave=False):
+        style = styles[i % len(styles)]
+        scene = sample_scene((seed, i), size=size, num_shapes=(1, 3), style=style, exclude=exclude)
+        images[i] = scene.image
+        captions.append(scene.caption)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+
+
+def vocabulary() -> list[str]:
+    words = {"a", "an", "and", "on", "background"} | set(SHAPES) | set(COLORS) | set(BACKGROUNDS)
+    return sorted(words)
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def stage_tokenizer(args) -> None:
+    write_word_tokenizer(vocabulary(), Path(args.output_dir) / "tiny-sd-shapes" / "tokenizer", model_max_length=MAX_TOKENS)
+
+
+def _loop(args, name: str, steps: int, models: dict, optimizer, step_fn, accelerator, ema: dict | None = None):
+    """A resumable training loop with a progress bar; returns the last loss."""
+    work = Path(args.work_dir) / name
+    start = 0
+    tracked = {**models, **{f"ema_{k}": v for k, v in (ema or {}).items()}}
+    if args.resume and (ckpt := latest_checkpoint(work)) is not None:
+        start = load_checkpoint(ckpt, tracked, optimizer)["step"]
+        accelerator.print(f"{name}: resumed from {ckpt}")
+    progress = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not accelerator.is_local_main_process)
+    loss = float("nan")
+    for step in progress:
+        loss = step_fn(step)
+        progress.set_postfix(loss=f"{loss:.4f}")
+        if (step + 1) % args.checkpointing_steps == 0 or step + 1 == steps:
+            save_checkpoint(work, step + 1, tracked, optimizer, total_limit=args.checkpoints_total_limit)
+    return loss
+
+
+def stage_vae(args, accelerator, images) -> dict:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=SD_RES,
+    )
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def step_fn(step):
+        x = images[torch.randint(0, len(images), (32,), generator=generator)].to(accelerator.device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=None)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        return loss.item()
+
+    started = time.perf_counter()
+    loss = _loop(args, "vae", args.vae_steps, {"vae": vae}, optimizer, step_fn, accelerator)
+    vae = accelerator.unwrap_model(vae).eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 512].to(accelerator.device)).latent_dist.mean.cpu()
+                             for i in range(0, len(images), 512)])
+        recon = vae.decode(latents[:256].to(accelerator.device)).sample.cpu()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(Path(args.output_dir) / "tiny-sd-shapes" / "vae")
+    mse = F.mse_loss(recon.clamp(-1, 1), images[:256]).item()
+    psnr = 10 * math.log10(4.0 / mse)
+    return {"vae_final_loss": loss, "vae_recon_psnr_db": psnr, "vae_seconds": time.perf_counter() - started}
+
+
+def stage_sd(args, accelerator, images, captions) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(args.output_dir) / "tiny-sd-shapes"
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(root / "vae").to(accelerator.device).eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 512].to(accelerator.device)).latent_dist.mean.cpu()
+                             for i in range(0, len(images), 512)]) * vae.config.scaling_factor
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
+
+    torch.manual_seed(args.seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    widths = tuple(int(w) for w in args.unet_channels.split(","))
+    unet = UNet2DConditionModel(
+        sample_size=SD_RES // 4, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=widths,
+        down_block_types=("CrossAttnDownBlock2D",) * len(widths), up_block_types=("CrossAttnUpBlock2D",) * len(widths),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
+    )
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.sd_learning_rate, weight_decay=0.01)
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
+    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    ema_params = list(ema["unet"].parameters()) + list(ema["text_encoder"].parameters())
+
+    def step_fn(step):
+        index = torch.randint(0, len(latents), (args.sd_batch_size,), generator=generator)
+        z0, tokens = latents[index], ids[index].clone()
+        tokens[torch.rand(len(index), generator=generator) < 0.1] = empty  # caption dropout, for guidance
+        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        target = noise_scheduler.get_velocity(z0, noise, t)
+        device = accelerator.device
+        with accelerator.autocast():
+            pred = unet(zt.to(device), t.to(device), encoder_hidden_states=text_encoder(tokens.to(device))[0]).sample
+        weight = (snr[t].clamp(max=5.0) / (snr[t] + 1)).to(device)  # min-SNR-5 for v-prediction
+        loss = (weight * F.mse_loss(pred.float(), target.to(device), reduction="none").mean((1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for e, p in zip(ema_params, params):
+                e.lerp_(p.detach().to(e.device), 1 - decay)
+        return loss.item()
+
+    started = time.perf_counter()
+    loss = _loop(args, "sd", args.sd_steps, {"unet": unet, "text_encoder": text_encoder}, optimizer, step_fn, accelerator, ema)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                              timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=ema["text_encoder"].cpu(), tokenizer=tokenizer,
+                                   unet=ema["unet"].cpu(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root)
+    return {"sd_final_loss": loss, "sd_seconds": time.perf_counter() - started,
+            "unet_params": sum(p.numel() for p in ema["unet"].parameters()),
+            "text_encoder_params": sum(p.numel() for p in ema["text_encoder"].parameters())}
+
+
+def vit_targets(scene) -> torch.Tensor:
+    """Multi-label target: one bit per (shape, colour) pair present in the scene."""
+    pairs = [(s, c) for s in SHAPES for c in COLORS]
+    present = {(shape, color) for color, shape in scene.pairs}
+    return torch.tensor([float(p in present) for p in pairs])
+
+
+def stage_vit(args, accelerator) -> dict:
+    import timm
+    from timm.models import save_for_hf
+
+    def data(count, seed):
+        scenes = [sample_scene((seed, i), size=VIT_RES, num_shapes=(1, 3)) for i in tqdm(range(count), desc="vit data", leave=False)]
+        x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+        return (x - 0.5) / 0.5, torch.stack([vit_targets(s) for s in scenes])
+
+    train_x, train_y = data(args.vit_images, args.seed + 10)
+    test_x, test_y = data(max(1, args.vit_images // 10), args.seed + 11)
+    model_args = dict(img_size=VIT_RES, patch_size=8, embed_dim=128, depth=8, num_heads=4, mlp_ratio=3.0,
+                      num_classes=train_y.shape[1])
+    torch.manual_seed(args.seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **model_args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(args.seed + 12)
+
+    def step_fn(step):
+        lr = 1e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vit_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(0, len(train_x), (128,), generator=generator)
+        x = train_x[index]
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # labels are flip-invariant
+        loss = F.binary_cross_entropy_with_logits(model(x.to(accelerator.device)), train_y[index].to(accelerator.device))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        return loss.item()
+
+    started = time.perf_counter()
+    loss = _loop(args, "vit", args.vit_steps, {"vit": model}, optimizer, step_fn, accelerator)
+    model = accelerator.unwrap_model(model).eval()
+    with torch.no_grad():
+        logits = torch.cat([model(test_x[i:i + 250].to(accelerator.device)).cpu() for i in range(0, len(test_x), 250)])
+    predicted = logits > 0
+    label_accuracy = (predicted == test_y.bool()).float().mean().item()
+    exact = (predicted == test_y.bool()).all(1).float().mean().item()
+    out = Path(args.output_dir) / "tiny-vit-shapes"
+    pretrained_cfg = {"input_size": [3, VIT_RES, VIT_RES], "mean": [0.5] * 3, "std": [0.5] * 3,
+                      "label_names": [f"{c} {s}" for s in SHAPES for c in COLORS]}
+    save_for_hf(model, str(out), model_config={"architecture": "vit_tiny_patch16_224", **pretrained_cfg},
+                model_args=model_args, safe_serialization=True)
+    return {"vit_final_loss": loss, "vit_label_accuracy": label_accuracy, "vit_exact_set_accuracy": exact,
+            "vit_params": sum(p.numel() for p in model.parameters()), "vit_seconds": time.perf_counter() - started}
+
+
+def stage_report(args) -> dict:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import make_image_grid
+
+    from vistune.metrics import caption_fidelity, pair_recall
+
+    root = Path(args.output_dir) / "tiny-sd-shapes"
+    pipe = StableDiffusionPipeline.from_pretrained(root)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = held_out_prompts()
+    images = []
+    for i, prompt in enumerate(tqdm(prompts, desc="held-out prompts")):
+        generator = torch.Generator().manual_seed(args.seed + i)
+        images += pipe(prompt, num_inference_steps=25, guidance_scale=args.guidance_scale, generator=generator,
+                       num_images_per_prompt=args.eval_images_per_prompt).images
+    repeated = [p for p in prompts for _ in range(args.eval_images_per_prompt)]
+    fidelity = caption_fidelity(images, repeated)
+    recall = pair_recall(images, repeated)
+    grid = make_image_grid(images, rows=len(prompts), cols=args.eval_images_per_prompt)
+    grid.resize((grid.width * 3, grid.height * 3), resample=0).save(Path(args.output_dir) / "tiny-sd-shapes-heldout.png")
+    return {"heldout_caption_fidelity": fidelity, "heldout_pair_recall": recall, "heldout_prompts": prompts,
+            "eval_images": len(images), "guidance_scale": args.guidance_scale, "sampling_steps": 25}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - {"tokenizer", "vae", "sd", "vit", "report"}
+    if unknown:
+        print(f"unknown stages {sorted(unknown)}", file=sys.stderr)
+        return 2
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    report_path = Path(args.output_dir) / "build_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    started = time.perf_counter()
+    if "tokenizer" in stages:
+        stage_tokenizer(args)
+    if "vae" in stages:  # the autoencoder sees every style, so tuners can later adapt toward any of them
+        images, _ = shapes_data(args.num_images, args.seed + 100, SD_RES, styles=STYLES)
+        report.update(stage_vae(args, accelerator, images))
+    if "sd" in stages:  # the text-to-image model learns the plain world, without the held-out pairs
+        images, captions = shapes_data(args.num_images, args.seed, SD_RES)
+        report.update(stage_sd(args, accelerator, images, captions))
+    if "vit" in stages:
+        report.update(stage_vit(args, accelerator))
+    if "report" in stages:
+        report.update(stage_report(args))
+    report[f"seconds_{'+'.join(stages)}"] = time.perf_counter() - started
+    report["args"] = vars(args)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("args", "heldout_prompts")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

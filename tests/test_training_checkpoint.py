@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from vistune import CheckpointError
+from vistune.training import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def train(model, optimizer, steps):
+    for _ in range(steps):
+        x = torch.randn(16, 4)  # draws from the global RNG, which the checkpoint restores
+        loss = (model(x) - x.sum(1, keepdim=True)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    model, optimizer = make()
+    train(model, optimizer, 10)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer = make()
+    train(model, optimizer, 4)
+    save_checkpoint(tmp_path, 4, {"model": model}, optimizer, extra={"note": "x"})
+    train(model, optimizer, 3)  # work after the checkpoint is lost when the run is killed
+    model, optimizer = make()
+    state = load_checkpoint(latest_checkpoint(tmp_path), {"model": model}, optimizer)
+    assert state == {"step": 4, "extra": {"note": "x"}}
+    train(model, optimizer, 6)
+    for got, want in zip(model.parameters(), expected):
+        assert torch.equal(got, want)
+    assert {f.suffix for f in (tmp_path / "checkpoint-4").iterdir()} == {".safetensors", ".json"}
+
+
+def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
+    model, optimizer = make()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"model": model}, optimizer, total_limit=2)
+    (tmp_path / ".checkpoint-4.tmp").mkdir()  # a write that was killed half-way
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / ".checkpoint-4.tmp", {"model": model})
+    assert latest_checkpoint(tmp_path / "missing") is None
