@@ -119,6 +119,15 @@ def _loop(args, name: str, steps: int, models: dict, optimizer, step_fn, acceler
     return loss
 
 
+def _optimize(loss, optimizer, accelerator, clip_params=None) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if clip_params is not None:
+        accelerator.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def stage_vae(args, accelerator, images) -> dict:
     from diffusers import AutoencoderKL
 
@@ -137,10 +146,7 @@ def stage_vae(args, accelerator, images) -> dict:
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        return loss.item()
+        return _optimize(loss, optimizer, accelerator)
 
     started = time.perf_counter()
     loss = _loop(args, "vae", args.vae_steps, {"vae": vae}, optimizer, step_fn, accelerator)
@@ -204,15 +210,12 @@ def stage_sd(args, accelerator, images, captions) -> dict:
             pred = unet(zt.to(device), t.to(device), encoder_hidden_states=text_encoder(tokens.to(device))[0]).sample
         weight = (snr[t].clamp(max=5.0) / (snr[t] + 1)).to(device)  # min-SNR-5 for v-prediction
         loss = (weight * F.mse_loss(pred.float(), target.to(device), reduction="none").mean((1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        value = _optimize(loss, optimizer, accelerator, clip_params=params)
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
             for e, p in zip(ema_params, params):
                 e.lerp_(p.detach().to(e.device), 1 - decay)
-        return loss.item()
+        return value
 
     started = time.perf_counter()
     loss = _loop(args, "sd", args.sd_steps, {"unet": unet, "text_encoder": text_encoder}, optimizer, step_fn, accelerator, ema)
@@ -262,10 +265,7 @@ def stage_vit(args, accelerator) -> dict:
         flip = torch.rand(len(index), generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # labels are flip-invariant
         loss = F.binary_cross_entropy_with_logits(model(x.to(accelerator.device)), train_y[index].to(accelerator.device))
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        return loss.item()
+        return _optimize(loss, optimizer, accelerator)
 
     started = time.perf_counter()
     loss = _loop(args, "vit", args.vit_steps, {"vit": model}, optimizer, step_fn, accelerator)

@@ -1,9 +1,10 @@
 """Attach, detach and steer tuners on a backbone.
 
-Everything vistune adds to a backbone lives in one submodule, ``model.vistune_tuners`` (a
-:class:`TunerContainer`), plus the hooks the tuners register. Because the tuners are submodules, ``model.to()``,
-``pipe.to("cuda")``, CPU offload and ``accelerator.prepare`` move them with the backbone. :func:`detach` removes
-both and restores every ``requires_grad`` flag, leaving the backbone exactly as it was.
+The tuners attached to a backbone live in one submodule, ``model.vistune_tuners`` (a :class:`TunerContainer`);
+their hooks (and the site objects that own them) are the only other additions. Because the tuners are
+submodules, ``model.to()``, ``pipe.to("cuda")``, model CPU offload and ``accelerator.prepare`` move them with the
+backbone. :func:`detach` removes everything and restores every ``requires_grad`` flag, leaving the backbone
+exactly as it was.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def build_tuner(model: nn.Module, config: TunerConfig) -> Tuner:
 def attach(model: nn.Module, config: TunerConfig, name: str = "default", *, trainable: bool = True) -> Tuner:
     """Attach a new tuner built from ``config`` to ``model`` under ``name`` and return it.
 
-    The backbone's own weights are frozen; the tuner's parameters require grad when ``trainable``. On any error
-    the model is left exactly as it was.
+    With ``trainable`` (the default) the tuner's parameters require grad and the backbone's are frozen; otherwise
+    the tuner is for inference and the backbone keeps its flags. On any error the model is left as it was.
     """
     model = unwrap(model)
     check_name(model, name)
@@ -158,15 +159,17 @@ def _refresh_backbone_grad(model: nn.Module) -> None:
     """While some tuner trains, freeze the backbone except the parameters such tuners ask to train; with only
     inference tuners attached, the backbone keeps the flags it had before the first attach."""
     trainable = [t for t in list_tuners(model).values() if any(p.requires_grad for p in t.parameters())]
-    backbone = _backbone_parameters(model)
     if not trainable:
-        saved = _container(model).saved_requires_grad
-        for param_name, param in backbone.items():
-            param.requires_grad_(saved.get(param_name, param.requires_grad))
+        _restore_backbone_grad(model, _container(model).saved_requires_grad)
         return
     wanted = {id(p) for tuner in trainable for p in tuner.backbone_parameters_to_train(model)}
-    for param in backbone.values():
+    for param in _backbone_parameters(model).values():
         param.requires_grad_(id(param) in wanted)
+
+
+def _restore_backbone_grad(model: nn.Module, saved: dict[str, bool]) -> None:
+    for param_name, param in _backbone_parameters(model).items():
+        param.requires_grad_(saved.get(param_name, param.requires_grad))
 
 
 def detach(model: nn.Module, name: str | Iterable[str] | None = None) -> dict[str, Tuner]:
@@ -182,10 +185,8 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None) -> dict[st
         tuner.uninstall(model)
         del container[tuner_name]
     if len(container) == 0:
-        saved = container.saved_requires_grad
         delattr(model, CONTAINER_NAME)
-        for param_name, param in _backbone_parameters(model).items():
-            param.requires_grad_(saved.get(param_name, param.requires_grad))
+        _restore_backbone_grad(model, container.saved_requires_grad)
     else:
         _refresh_backbone_grad(model)
     return selected
