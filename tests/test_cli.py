@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from vistune.cli import main
+from vistune.testing import tiny_unet
 
 
 def test_info_lists_registered_tuners(capsys):
@@ -19,3 +22,16 @@ def test_demo_runs_and_reports_measured_results(tmp_path, capsys):
     assert "no pretrained model ships yet" in capsys.readouterr().out
     assert main(["info", str(out / "tuner")]) == 0
     assert "stripes [sc_tuner] 25,088 params" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_sc_runs_each_method_in_a_subprocess_and_writes_results(tmp_path, capsys):
+    assert main(["bench", "sc", "--config", "tiny", "--batch-sizes", "1", "--steps", "1", "--warmup", "0",
+                 "--latent", "8", "--output-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "sc.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "lora", "sc"}
+    assert rows["sc"]["trainable_params"] == 25_088  # SC-Tuner on the tiny U-Net's six skips
+    assert rows["full"]["trainable_params"] == sum(p.numel() for p in tiny_unet().parameters())
+    assert rows["lora"]["memory_vs_lora"] == 1.0 and rows["sc"]["peak_memory_mb"] > 0
+    assert "| sc | 1 | 25,088 |" in (tmp_path / "sc.md").read_text()

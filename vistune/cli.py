@@ -48,6 +48,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import sc
+
+    sc.run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir)
+    return 0
+
+
 def _numel(shape: Sequence[int]) -> int:
     total = 1
     for dim in shape:
@@ -63,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=150, help="training steps (default: 150)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="cost benchmarks against the baselines, each method in a fresh subprocess")
+    bench_sub = bench.add_subparsers(dest="suite", required=True)
+    from .bench import sc
+
+    sc_parser = bench_sub.add_parser("sc", help="SC-Tuner vs peft LoRA vs full fine-tuning (SD1.5 U-Net, random weights)")
+    sc.add_arguments(sc_parser)
+    sc_parser.set_defaults(func=_bench)
     info = sub.add_parser("info", help="versions, device and registered tuners; or describe a saved tuner folder")
     info.add_argument("path", nargs="?", help="a folder written by vistune.save_tuners")
     info.set_defaults(func=_info)

@@ -1,0 +1,172 @@
+"""SC-Tuner training cost against peft LoRA and full fine-tuning at the real SD1.5 U-Net size (random weights).
+
+    python -m vistune.bench.sc                      # or: vistune bench sc / python scripts/bench_sc.py
+    python -m vistune.bench.sc --batch-sizes 1 4 --steps 5
+
+Each (method, batch size) runs in a fresh subprocess: build the U-Net, set the method up, then time
+optimizer steps (forward + backward + AdamW step) and measure the peak memory above the resting model.
+The text conditioning is a frozen tensor of the SD shape (77 x 768). CUDA is used when present (bf16 autocast
+for every method alike); on CPU the latent is smaller (default 32x32) so the run fits the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..testing import SD15_UNET_CONFIG, TINY_UNET_CONFIG
+from .runner import PeakMemory, environment, run_case, synchronize, write_results
+
+METHODS = ("full", "lora", "sc")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+CONFIGS = {"sd15": SD15_UNET_CONFIG, "tiny": TINY_UNET_CONFIG}
+
+
+def _build_unet(config_name: str, device: torch.device):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**CONFIGS[config_name])
+    unet = unet.to_empty(device=device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():  # random weights: cost does not depend on them, and this is fast at 860M parameters
+        for param in unet.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        for buffer in unet.buffers():
+            buffer.zero_()
+    return unet
+
+
+def _setup(method: str, unet) -> list[torch.nn.Parameter]:
+    import vistune
+
+    if method == "full":
+        unet.requires_grad_(True)
+    elif method == "lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    elif method == "sc":
+        vistune.attach(unet, vistune.SCTunerConfig(down_ratio=1.0))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def run_one(case: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (method, batch size) in this process."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    unet = _build_unet(case["config"], device).train()
+    params = _setup(case["method"], unet)
+    batch, latent = case["batch_size"], case["latent"]
+    sample = torch.randn(batch, 4, latent, latent, device=device)
+    context = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
+    timestep = torch.randint(0, 1000, (batch,), device=device)
+    target = torch.randn_like(sample)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    times = []
+    memory = PeakMemory(device)
+    with memory.track():
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        for step in range(case["warmup"] + case["steps"]):
+            synchronize(device)
+            started = time.perf_counter()
+            with autocast:
+                out = unet(sample, timestep, encoder_hidden_states=context).sample
+            loss = torch.nn.functional.mse_loss(out.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            synchronize(device)
+            if step >= case["warmup"]:
+                times.append(time.perf_counter() - started)
+    return {
+        **case,
+        "device": str(device),
+        "trainable_params": sum(p.numel() for p in params),
+        "peak_memory_mb": memory.peak / 2**20,
+        "step_seconds": statistics.median(times),
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each row's ratios to the LoRA and full fine-tuning rows of the same batch size."""
+    for row in rows:
+        for base in ("lora", "full"):
+            ref = next((r for r in rows if r["method"] == base and r["batch_size"] == row["batch_size"]), None)
+            if ref is not None:
+                row[f"memory_vs_{base}"] = row["peak_memory_mb"] / ref["peak_memory_mb"] if ref["peak_memory_mb"] else float("nan")
+                row[f"time_vs_{base}"] = row["step_seconds"] / ref["step_seconds"]
+                row[f"params_vs_{base}"] = row["trainable_params"] / ref["trainable_params"]
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"SC-Tuner vs peft LoRA (r=64) vs full fine-tuning: U-Net `{meta['config']}`, latent {meta['latent']}x{meta['latent']}, "
+        f"{meta['env']['device']}{' (' + meta['env'].get('gpu', '') + ')' if 'gpu' in meta['env'] else ''}, "
+        f"median of {meta['steps']} steps after {meta['warmup']} warm-up",
+        "",
+        "| method | batch | trainable params | peak memory (MB) | step time (s) | memory / LoRA | time / LoRA | memory / full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['batch_size']} | {r['trainable_params']:,d} | {r['peak_memory_mb']:.0f} | "
+            f"{r['step_seconds']:.3f} | {r.get('memory_vs_lora', float('nan')):.2f} | {r.get('time_vs_lora', float('nan')):.2f} | "
+            f"{r.get('memory_vs_full', float('nan')):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(batch_sizes=(1, 4), steps: int = 3, warmup: int = 1, latent: int | None = None, config: str = "sd15",
+        methods=METHODS, output_dir: str = "benchmarks/results", name: str = "sc", log=print) -> list[dict[str, Any]]:
+    """Measure every (method, batch size) in its own subprocess; write ``<name>.json`` and ``<name>.md``."""
+    cuda = torch.cuda.is_available()
+    latent = latent or (64 if cuda else 32)
+    rows = []
+    for batch in batch_sizes:
+        for method in methods:
+            case = {"method": method, "batch_size": batch, "latent": latent, "steps": steps, "warmup": warmup, "config": config}
+            log(f"measuring {method} at batch {batch} ...")
+            rows.append(run_case("vistune.bench.sc", case))
+    meta = {"config": config, "latent": latent, "steps": steps, "warmup": warmup,
+            "env": environment(torch.device("cuda" if cuda else "cpu"))}
+    rows = ratios(rows)
+    table = markdown(rows, meta)
+    write_results(rows, meta, table, output_dir, name)
+    log(table)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--latent", type=int, default=None, help="latent size (default: 64 on CUDA, 32 on CPU)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--output-dir", default="benchmarks/results")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_one(json.loads(args.case))))
+        return 0
+    run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
