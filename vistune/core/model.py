@@ -155,6 +155,24 @@ def add_tuner(model: nn.Module, tuner: Tuner, name: str, *, trainable: bool = Tr
     return tuner
 
 
+def replace_tuner(model: nn.Module, name: str, new: Tuner) -> Tuner:
+    """Swap the tuner attached as ``name`` for ``new`` (e.g. experts merged into one adapter), keeping its
+    run-time scale, trainability and train/eval mode. If attaching ``new`` fails, the old tuner comes back."""
+    model = unwrap(model)
+    old = get_tuner(model, name)
+    new.scale = old.scale
+    trainable = any(p.requires_grad for p in old.parameters())
+    training = old.training
+    detach(model, name)
+    try:
+        add_tuner(model, new, name, trainable=trainable)
+    except BaseException:
+        add_tuner(model, old, name, trainable=trainable)
+        raise
+    new.train(training)
+    return new
+
+
 def _refresh_backbone_grad(model: nn.Module) -> None:
     """While some tuner trains, freeze the backbone except the parameters such tuners ask to train; with only
     inference tuners attached, the backbone keeps the flags it had before the first attach."""

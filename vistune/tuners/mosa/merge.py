@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...core.errors import TunerError
-from ...core.model import add_tuner, detach, get_tuner, unwrap
+from ...core.model import get_tuner, replace_tuner, unwrap
 from ..adapter.model import AdapterTuner
 from .model import MoSATuner
 
@@ -31,14 +31,4 @@ def merge_mosa(model: nn.Module, name: str = "default", mode: str | None = None)
     reference = next(tuner.parameters())
     adapter.to(device=reference.device, dtype=reference.dtype)
     adapter.load_state_dict(tuner.merged_adapter_state(mode), strict=True)
-    adapter.scale = tuner.scale
-    trainable = any(p.requires_grad for p in tuner.parameters())
-    training = tuner.training
-    detach(model, name)
-    try:
-        add_tuner(model, adapter, name, trainable=trainable)
-    except BaseException:
-        add_tuner(model, tuner, name, trainable=trainable)
-        raise
-    adapter.train(training)
-    return adapter
+    return replace_tuner(model, name, adapter)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core.config import real_field
 from ...core.errors import TunerError
-from ...core.model import add_tuner, detach, get_tuner, unwrap
+from ...core.model import get_tuner, replace_tuner, unwrap
 from ..adapter.model import AdapterTuner, position_key
 from .config import PearConfig
 from .importance import _ATTR
@@ -100,18 +100,8 @@ def prune_and_share(
     reference = next(tuner.parameters())
     pear.to(device=reference.device, dtype=reference.dtype)
     pear.load_state_dict(_retained_state(tuner, pear, scores, knowledge_checkpoint), strict=True)
-    pear.scale = tuner.scale
     vars(pear)[_ATTR] = {p: float(scores[p]) for p in pear.sharing()}
-    trainable = any(p.requires_grad for p in tuner.parameters())
-    training = tuner.training
-    detach(model, name)
-    try:
-        add_tuner(model, pear, name, trainable=trainable)
-    except BaseException:
-        add_tuner(model, tuner, name, trainable=trainable)
-        raise
-    pear.train(training)
-    return pear
+    return replace_tuner(model, name, pear)
 
 
 def _retained_state(
