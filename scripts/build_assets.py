@@ -14,7 +14,7 @@ Stages:
   report     caption fidelity on held-out (shape, colour) prompts, a grid image, build_report.json
 
 The SD folder loads with ``StableDiffusionPipeline.from_pretrained("assets/tiny-sd-shapes")`` and the ViT with
-``timm.create_model("local-dir:assets/tiny-vit-shapes")``. Checkpoints (safetensors + JSON) go to --work_dir.
+``timm.create_model("local-dir:assets/tiny-vit-shapes", pretrained=True)``. Checkpoints (safetensors + JSON) go to --work_dir.
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", default="tokenizer,vae,sd,vit,report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_images", type=int, default=20000, help="training scenes for the SD stages")
-    p.add_argument("--vae_steps", type=int, default=1200)
-    p.add_argument("--sd_steps", type=int, default=6000)
+    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--sd_steps", type=int, default=2800)
     p.add_argument("--sd_batch_size", type=int, default=128)
-    p.add_argument("--sd_learning_rate", type=float, default=1e-3)
+    p.add_argument("--sd_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
+    p.add_argument("--sd_eval_steps", type=int, default=700, help="held-out caption fidelity every N steps (0: off)")
     p.add_argument("--unet_channels", default="64,128")
-    p.add_argument("--vit_steps", type=int, default=1500)
+    p.add_argument("--vit_steps", type=int, default=1000)
     p.add_argument("--vit_images", type=int, default=20000, help="training scenes for the ViT (test: a tenth)")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
@@ -197,7 +198,19 @@ def stage_sd(args, accelerator, images, captions) -> dict:
     generator = torch.Generator().manual_seed(args.seed + 1)
     ema_params = list(ema["unet"].parameters()) + list(ema["text_encoder"].parameters())
 
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                              timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+    def ema_pipeline():
+        return StableDiffusionPipeline(vae=vae, text_encoder=ema["text_encoder"], tokenizer=tokenizer, unet=ema["unet"],
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    curve = []
+
     def step_fn(step):
+        for group in optimizer.param_groups:
+            group["lr"] = args.sd_learning_rate * warmup_cosine(step, args.sd_steps)
         index = torch.randint(0, len(latents), (args.sd_batch_size,), generator=generator)
         z0, tokens = latents[index], ids[index].clone()
         tokens[torch.rand(len(index), generator=generator) < 0.1] = empty  # caption dropout, for guidance
@@ -215,17 +228,16 @@ def stage_sd(args, accelerator, images, captions) -> dict:
             decay = min(0.999, (1 + step) / (10 + step))
             for e, p in zip(ema_params, params):
                 e.lerp_(p.detach().to(e.device), 1 - decay)
+        if args.sd_eval_steps and (step + 1) % args.sd_eval_steps == 0 and step + 1 < args.sd_steps:
+            fidelity = heldout_fidelity(ema_pipeline().to(accelerator.device), args, images_per_prompt=4)["fidelity"]
+            curve.append({"step": step + 1, "heldout_caption_fidelity": fidelity})
+            accelerator.print(f"step {step + 1}: held-out caption fidelity (EMA, 4 images/prompt) {fidelity:.3f}")
         return value
 
     started = time.perf_counter()
     loss = _loop(args, "sd", args.sd_steps, {"unet": unet, "text_encoder": text_encoder}, optimizer, step_fn, accelerator, ema)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                              timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=ema["text_encoder"].cpu(), tokenizer=tokenizer,
-                                   unet=ema["unet"].cpu(), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root)
-    return {"sd_final_loss": loss, "sd_seconds": time.perf_counter() - started,
+    ema_pipeline().to("cpu").save_pretrained(root)
+    return {"sd_final_loss": loss, "sd_seconds": time.perf_counter() - started, "sd_fidelity_curve": curve,
             "unet_params": sum(p.numel() for p in ema["unet"].parameters()),
             "text_encoder_params": sum(p.numel() for p in ema["text_encoder"].parameters())}
 
@@ -257,7 +269,7 @@ def stage_vit(args, accelerator) -> dict:
     generator = torch.Generator().manual_seed(args.seed + 12)
 
     def step_fn(step):
-        lr = 1e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vit_steps))
+        lr = 1e-3 * warmup_cosine(step, args.vit_steps, floor=0.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(0, len(train_x), (128,), generator=generator)
@@ -288,24 +300,39 @@ def stage_report(args) -> dict:
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import make_image_grid
 
-    from vistune.metrics import caption_fidelity, pair_recall
-
     root = Path(args.output_dir) / "tiny-sd-shapes"
     pipe = StableDiffusionPipeline.from_pretrained(root)
+    result = heldout_fidelity(pipe, args, args.eval_images_per_prompt)
+    images = result.pop("images")
+    grid = make_image_grid(images, rows=len(result["prompts"]), cols=args.eval_images_per_prompt)
+    grid.resize((grid.width * 3, grid.height * 3), resample=0).save(Path(args.output_dir) / "tiny-sd-shapes-heldout.png")
+    return {"heldout_caption_fidelity": result["fidelity"], "heldout_pair_recall": result["pair_recall"],
+            "heldout_prompts": result["prompts"], "eval_images": len(images), "guidance_scale": args.guidance_scale,
+            "sampling_steps": 25}
+
+
+def heldout_fidelity(pipe, args, images_per_prompt: int) -> dict:
+    """Caption fidelity and pair recall of ``pipe`` on the held-out (shape, colour) prompts, 25 DDIM steps."""
+    from vistune.metrics import caption_fidelity, pair_recall
+
     pipe.set_progress_bar_config(disable=True)
     prompts = held_out_prompts()
     images = []
-    for i, prompt in enumerate(tqdm(prompts, desc="held-out prompts")):
+    for i, prompt in enumerate(tqdm(prompts, desc="held-out prompts", leave=False)):
         generator = torch.Generator().manual_seed(args.seed + i)
         images += pipe(prompt, num_inference_steps=25, guidance_scale=args.guidance_scale, generator=generator,
-                       num_images_per_prompt=args.eval_images_per_prompt).images
-    repeated = [p for p in prompts for _ in range(args.eval_images_per_prompt)]
-    fidelity = caption_fidelity(images, repeated)
-    recall = pair_recall(images, repeated)
-    grid = make_image_grid(images, rows=len(prompts), cols=args.eval_images_per_prompt)
-    grid.resize((grid.width * 3, grid.height * 3), resample=0).save(Path(args.output_dir) / "tiny-sd-shapes-heldout.png")
-    return {"heldout_caption_fidelity": fidelity, "heldout_pair_recall": recall, "heldout_prompts": prompts,
-            "eval_images": len(images), "guidance_scale": args.guidance_scale, "sampling_steps": 25}
+                       num_images_per_prompt=images_per_prompt).images
+    repeated = [p for p in prompts for _ in range(images_per_prompt)]
+    return {"fidelity": caption_fidelity(images, repeated), "pair_recall": pair_recall(images, repeated),
+            "prompts": prompts, "images": images}
+
+
+def warmup_cosine(step: int, total: int, warmup: int = 100, floor: float = 0.1) -> float:
+    """Learning-rate factor: linear warm-up, then cosine from 1 down to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build_assets.py"
 
@@ -38,8 +39,10 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     assert image.shape == (32, 32, 3)
     ids = pipe.tokenizer("a red circle").input_ids
     assert len(ids) == 5  # start, three one-token words, end
-    vit = timm.create_model(f"local-dir:{out / 'tiny-vit-shapes'}")
+    vit = timm.create_model(f"local-dir:{out / 'tiny-vit-shapes'}", pretrained=True)
     assert vit(torch.zeros(1, 3, 64, 64)).shape == (1, 24)
+    saved = load_file(str(out / "tiny-vit-shapes" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in vit.state_dict().items())  # the trained weights, not a fresh init
 
     # a second run resumes from the stage's last checkpoint instead of starting over
     assert build.main(argv[:5] + ["sd", *argv[6:], "--sd_steps", "4", "--resume"]) == 0

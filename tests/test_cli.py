@@ -11,17 +11,28 @@ def test_info_lists_registered_tuners(capsys):
     assert "sc_tuner (SCTunerConfig)" in capsys.readouterr().out
 
 
-def test_demo_runs_and_reports_measured_results(tmp_path, capsys):
+def test_demo_runs_on_the_shipped_model_and_reports_measured_results(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--steps", "30"]) == 0
+    assert main(["demo", "--output", str(out), "--steps", "100"]) == 0
     assert (out / "before.png").is_file() and (out / "after.png").is_file()
     report = (out / "report.md").read_text()
-    assert "randomly initialised" in report and "| saved tuner reloaded into a fresh pipeline reproduces the images exactly | yes |" in report
+    assert "assets/tiny-sd-shapes" in report and "'pastel' style statistic" in report
+    for check in ("(identity at init)", "scale 0 reproduces the base images exactly",
+                  "saved tuner reloaded into a fresh pipeline reproduces the images exactly"):
+        assert f"{check} | yes |" in report
     record = json.loads((out / "tuner" / "tuner_config.json").read_text())
-    assert record["name"] == "stripes" and record["tuner_type"] == "sc_tuner"
-    assert "no pretrained model ships yet" in capsys.readouterr().out
+    assert record["name"] == "pastel" and record["tuner_type"] == "sc_tuner"
+    assert "caption fidelity" in capsys.readouterr().out
+    channels = record["layout"]["skip_channels"]
     assert main(["info", str(out / "tuner")]) == 0
-    assert "stripes [sc_tuner] 25,088 params" in capsys.readouterr().out
+    expected = sum(2 * c * c + 2 * c for c in channels)  # Linear(c, c) + Linear(c, c) per skip at ratio 1
+    assert f"pastel [sc_tuner] {expected:,d} params" in capsys.readouterr().out
+
+
+def test_demo_without_the_shipped_model_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VISTUNE_ASSETS", str(tmp_path / "nowhere"))
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 2
+    assert "scripts/build_assets.py" in capsys.readouterr().err
 
 
 @pytest.mark.slow

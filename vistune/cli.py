@@ -12,9 +12,13 @@ from typing import Sequence
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.output, steps=args.steps, seed=args.seed)
+    try:
+        result = run_demo(args.output, steps=args.steps, seed=args.seed, style=args.style)
+    except FileNotFoundError as err:
+        print(f"vistune demo: {err}", file=sys.stderr)
+        return 2
     checks = ("identity_at_attach", "scale_zero_is_base", "save_load_exact")
-    return 0 if all(result[c] for c in checks) and result["loss_after"] < result["loss_before"] else 1
+    return 0 if all(result[c] for c in checks) and result["style_gap_closed"] > 0 else 1
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -63,11 +67,15 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import STYLES
+
     parser = argparse.ArgumentParser(prog="vistune", description="Vision-side tuners for frozen diffusion and vision backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="attach, train, generate, save and load an SC-Tuner; writes images and a report")
+    demo = sub.add_parser("demo", help="adapt the shipped tiny SD to a style with an SC-Tuner; writes images and a report")
     demo.add_argument("--output", default="vistune-demo", help="output folder (default: vistune-demo)")
-    demo.add_argument("--steps", type=int, default=150, help="training steps (default: 150)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    demo.add_argument("--style", default="pastel", choices=[s for s in STYLES if s != "plain"],
+                      help="target style domain (default: pastel)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="cost benchmarks against the baselines, each method in a fresh subprocess")

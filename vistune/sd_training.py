@@ -1,0 +1,311 @@
+"""Fine-tuning a Stable Diffusion U-Net: the pieces a training script shares and tests can call directly.
+
+* :func:`load_sd_components` checks and loads a local diffusers Stable Diffusion folder;
+* :func:`add_trainable` / :func:`save_trained` make one of three methods trainable (SC-Tuner, peft LoRA, the full
+  U-Net) and write its result in the format its loader expects, atomically;
+* :func:`batch_indices` / :func:`step_generator` make every random choice of a step a function of
+  ``(seed, step, ...)``, so a resumed run draws exactly what an uninterrupted one would;
+* :func:`denoising_loss` is the epsilon / v-prediction MSE of the model folder's noise schedule;
+* :class:`TrainableState` lets :mod:`vistune.training` checkpoint just the trained parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("sc", "lora", "full")
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+#: Each component folder of a diffusers Stable Diffusion folder and the files that show it is there (any one).
+SD_LAYOUT: dict[str, tuple[str, ...]] = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json", "vocab.json"),
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+# ----------------------------------------------------------------------------------------------- the model folder
+
+
+def check_sd_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it is a local diffusers Stable Diffusion folder, else a ``ValueError`` naming what
+    is missing (``FileNotFoundError`` when there is no such folder)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--pretrained_model_name_or_path {root}: no such local folder (no downloads here)")
+    missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+    for folder, markers in SD_LAYOUT.items():
+        if not any((root / folder / marker).is_file() for marker in markers):
+            missing.append(f"{folder}/{markers[0]}" if len(markers) == 1 else f"{folder}/ (one of {', '.join(markers)})")
+    if missing:
+        raise ValueError(
+            f"{root} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} "
+            "(expected the layout StableDiffusionPipeline.save_pretrained writes)"
+        )
+    unet_config = json.loads((root / "unet" / "config.json").read_text())
+    if unet_config.get("addition_embed_type") or (root / "text_encoder_2").is_dir():
+        raise ValueError(f"{root} looks like SDXL (text_encoder_2 / added conditioning); this trains SD 1.x/2.x")
+    return root
+
+
+@dataclasses.dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion folder that training needs; ``noise_scheduler`` is a ``DDPMScheduler``
+    built from the folder's scheduler config (its betas and ``prediction_type``)."""
+
+    tokenizer: Any
+    text_encoder: nn.Module
+    vae: nn.Module
+    unet: nn.Module
+    noise_scheduler: Any
+
+
+def load_sd_components(path: str | os.PathLike, prediction_type: str | None = None) -> SDComponents:
+    """Check and load a local SD folder; ``prediction_type`` overrides the scheduler's (epsilon / v_prediction)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = check_sd_folder(path)
+    noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type!r}: expected epsilon or v_prediction")
+    return SDComponents(
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae"),
+        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+        noise_scheduler=noise_scheduler,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+
+def add_trainable(
+    unet: nn.Module,
+    method: str,
+    *,
+    sc_down_ratio: float = 1.0,
+    tuner_name: str = "default",
+    lora_rank: int = 64,
+    lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
+) -> list[nn.Parameter]:
+    """Make ``unet`` trainable by ``method`` and return the parameters to optimise (in a fixed order).
+
+    ``sc``: attach an SC-Tuner (backbone frozen); ``lora``: ``unet.add_adapter`` a peft ``LoraConfig`` (alpha =
+    rank, gaussian A, as diffusers' LoRA script); ``full``: every U-Net parameter. Trainable parameters are fp32
+    whatever the backbone's dtype. Seed the global RNG first: the new weights are drawn from it.
+    """
+    if method == "sc":
+        import vistune
+
+        vistune.attach(unet, vistune.SCTunerConfig(down_ratio=sc_down_ratio), name=tuner_name)
+    elif method == "lora":
+        try:
+            from peft import LoraConfig
+        except ImportError as err:
+            raise ImportError("--method lora needs peft (pip install peft)") from err
+        unet.requires_grad_(False)
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                            target_modules=list(lora_target_modules))
+        unet.add_adapter(config)
+    elif method == "full":
+        unet.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"--method {method} found nothing to train in {type(unet).__name__} (check the target modules)")
+    for param in params:
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
+    return params
+
+
+def save_trained(unet: nn.Module, method: str, output_dir: str | os.PathLike, tuner_name: str | None = None) -> Path:
+    """Write the result of ``method`` into ``output_dir`` so that its standard loader reads it, atomically.
+
+    ``sc``: ``tuner_config.json`` + ``tuner_model.safetensors`` for ``vistune.load_tuners(unet, output_dir)``;
+    ``lora``: ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(output_dir)``;
+    ``full``: ``unet/`` for ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")``.
+    Everything is written to a hidden staging folder first and then renamed into place, so a crash leaves
+    either the previous output or the new one, never a mix or a partial file.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        if method == "sc":
+            import vistune
+
+            vistune.save_tuners(unet, staging, name=tuner_name)
+        elif method == "lora":
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            metadata = unet.peft_config["default"].to_dict()
+            StableDiffusionPipeline.save_lora_weights(
+                staging, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=LORA_WEIGHT_NAME
+            )
+        elif method == "full":
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
+        else:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Move every entry of ``staging`` into ``output_dir`` with renames (a folder replaces its old version)."""
+    for entry in sorted(staging.iterdir()):
+        target = output_dir / entry.name
+        if entry.is_dir() and target.exists():
+            old = output_dir / f".old-{entry.name}-{uuid.uuid4().hex}"
+            os.replace(target, old)
+            os.replace(entry, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(entry, target)
+
+
+class TrainableState(nn.Module):
+    """A view of ``model``'s parameters that require grad, for ``vistune.training.save_checkpoint`` /
+    ``load_checkpoint``: its state dict holds just those tensors (by their names in ``model``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._names = [name for name, param in model.named_parameters() if param.requires_grad]
+        self._params = dict(p for p in model.named_parameters() if p[1].requires_grad)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {name: self._params[name].detach() for name in self._names}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):  # type: ignore[override]
+        missing = sorted(set(self._names) - set(state))
+        unexpected = sorted(set(state) - set(self._names))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the trained parameters: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                "(was it written by another --method or configuration?)"
+            )
+        with torch.no_grad():
+            for name in self._names:
+                self._params[name].copy_(state[name])
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed mixed from ``seed`` and ``keys`` (e.g. step, micro-batch, process)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator for the random draws (noise, timesteps, flips) of one (step, micro-batch, process)."""
+    return torch.Generator().manual_seed(step_seed(seed, *keys))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0x5EED, epoch]).permutation(size)
+
+
+def batch_indices(seed: int, sample: int, batch_size: int, dataset_size: int) -> list[int]:
+    """Dataset indices of the ``batch_size`` examples from global position ``sample`` on.
+
+    Examples are drawn epoch by epoch, each epoch a permutation of the dataset seeded by ``(seed, epoch)``, so
+    the batch at any position is known without replaying the ones before it (exact resume, any process count).
+    """
+    if dataset_size < 1:
+        raise ValueError("the training set is empty")
+    out = []
+    for k in range(sample, sample + batch_size):
+        epoch, offset = divmod(k, dataset_size)
+        out.append(int(_epoch_order(seed, epoch, dataset_size)[offset]))
+    return out
+
+
+def make_batch(
+    dataset: Any, indices: Iterable[int], generator: torch.Generator | None = None, random_flip: bool = False
+) -> tuple[torch.Tensor, list[str]]:
+    """Pixel values in [-1, 1] (from the datasets' [0, 1]) and captions of ``dataset[indices]``."""
+    items = [dataset[i] for i in indices]
+    pixels = torch.stack([item["pixel_values"] for item in items]) * 2 - 1
+    if random_flip:
+        flip = torch.rand(len(items), generator=generator) < 0.5
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    return pixels, [item["caption"] for item in items]
+
+
+# ----------------------------------------------------------------------------------------------- the loss
+
+
+def encode_prompts(tokenizer: Any, text_encoder: nn.Module, captions: Sequence[str]) -> torch.Tensor:
+    """CLIP hidden states of ``captions`` (padded to the tokenizer's max length, as the SD pipeline does)."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def encode_images(vae: nn.Module, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled VAE latents of pixel values in [-1, 1], sampled from the posterior with ``generator``."""
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    posterior = vae.encode(pixels).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+    latents = posterior.mean + posterior.std * noise
+    return latents.float() * vae.config.scaling_factor
+
+
+def prediction_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net must predict: the noise (epsilon) or the velocity (v_prediction)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon or v_prediction")
+
+
+def denoising_loss(
+    unet: nn.Module,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MSE between the U-Net's prediction and :func:`prediction_target` at uniform random timesteps.
+
+    Noise and timesteps come from ``generator`` (on the CPU, then moved), so they do not depend on the device.
+    """
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    return F.mse_loss(prediction.float(), target.float())
