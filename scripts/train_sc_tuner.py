@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""Train an SC-Tuner (SCEdit) on a frozen Stable Diffusion U-Net, or peft LoRA / the full U-Net with the same loop.
+
+Runs under ``accelerate launch`` (any number of processes) or plain ``python``; nothing is downloaded.
+
+    # a style tuner on your images (an imagefolder: images + metadata.jsonl with "file_name" and "text")
+    accelerate launch scripts/train_sc_tuner.py --pretrained_model_name_or_path path/to/sd15 \\
+        --train_data_dir my_style/ --resolution 512 --output_dir out/my-style --validation_prompt "a cat"
+
+    # the shipped tiny model learning the shapes world's "striped" style, generated on the fly
+    python scripts/train_sc_tuner.py --pretrained_model_name_or_path assets/tiny-sd-shapes \\
+        --shapes_domain striped --num_train_images 2000 --resolution 32 --train_batch_size 32 \\
+        --max_train_steps 500 --output_dir out/striped --validation_prompt "a red circle on a white background"
+
+    # the same loop for comparisons: --method lora (--lora_rank 64) or --method full
+    # continue an interrupted run from its newest checkpoint: add --resume_from_checkpoint latest
+
+    # several CPU processes (gloo): accelerate's --cpu flag starts only one, so launch like this
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train_sc_tuner.py ...
+
+Defaults follow the official SC-Tuner recipe (scepter ``methods/scedit/t2i``): AdamW lr 1e-4 (betas 0.9/0.999,
+weight decay 1e-2), constant schedule, batch 1, 2000 steps, ``--sc_down_ratio 1.0``, plain MSE on the target of the
+model folder's scheduler (epsilon or v_prediction), uniform timesteps. ``--lr_scheduler`` steps once per optimizer
+step whatever the number of processes.
+
+Outputs in ``--output_dir`` (each written to a staging folder and renamed into place at the end):
+  sc    tuner_config.json + tuner_model.safetensors   ``vistune.load_tuners(pipe.unet, output_dir)``
+  lora  pytorch_lora_weights.safetensors              ``pipe.load_lora_weights(output_dir)``
+  full  unet/                                         ``UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")``
+plus ``checkpoint-<step>/`` (safetensors + JSON, no pickles; resumable), ``validation/*.png`` and ``logs/``
+(tensorboard, the default when it is installed).
+
+Data: images are resized (shorter side) and centre-cropped to ``--resolution``. Images without a caption train
+with the empty caption (``--missing_captions empty``, the default) or are left out (``skip``); unreadable images
+are skipped; both with a warning and a count. ``--shapes_domain STYLE`` renders ``--num_train_images`` shapes-world
+scenes in that style (plain, striped, outline, pastel, noise) with their ordinary captions, so the tuner learns
+the style as the new default look. Every random draw of a step (which examples, noise, timesteps, flips) is a
+function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from vistune.data import STYLES, ShapesDataset
+from vistune.data.imagefolder import CaptionedImageFolder
+from vistune.sd_training import (
+    LORA_TARGET_MODULES,
+    METHODS,
+    TrainableState,
+    add_trainable,
+    batch_indices,
+    check_sd_folder,
+    denoising_loss,
+    encode_images,
+    encode_prompts,
+    load_sd_components,
+    make_batch,
+    save_trained,
+    step_generator,
+)
+from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="a local diffusers Stable Diffusion folder")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--train_data_dir", help="images + metadata.jsonl (file_name, text), the imagefolder layout")
+    data.add_argument("--shapes_domain", choices=STYLES, help="train on shapes-world scenes rendered in this style")
+    p.add_argument("--num_train_images", type=int, default=1000, help="scenes for --shapes_domain")
+    p.add_argument("--image_column", default="file_name")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--missing_captions", default="empty", choices=["empty", "skip", "error"])
+    p.add_argument("--method", default="sc", choices=METHODS)
+    p.add_argument("--sc_down_ratio", type=float, default=1.0)
+    p.add_argument("--tuner_name", default="default", help="name saved with the SC-Tuner")
+    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--lora_target_modules", default=",".join(LORA_TARGET_MODULES))
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the model's scheduler")
+    p.add_argument("--output_dir", default="sc-tuner-output")
+    p.add_argument("--seed", type=int, help="default: random (recorded in checkpoints, reused on resume)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    p.add_argument("--max_train_steps", type=int, default=2000)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
+    p.add_argument("--resume_from_checkpoint", help='"latest" (newest in --output_dir, if any) or a checkpoint path')
+    p.add_argument("--validation_prompt")
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--validation_inference_steps", type=int, default=30)
+    p.add_argument("--report_to", choices=["tensorboard", "none"],
+                   default="tensorboard" if importlib.util.find_spec("tensorboard") else "none")
+    p.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    args = p.parse_args(argv)
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "validation_steps", "num_train_images", "resolution", "lora_rank"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        p.error("--report_to tensorboard needs tensorboard (pip install tensorboard), or pass --report_to none")
+    return args
+
+
+def build_dataset(args):
+    if args.shapes_domain:
+        return ShapesDataset(args.num_train_images, seed=args.seed, size=args.resolution, style=args.shapes_domain)
+    return CaptionedImageFolder(args.train_data_dir, args.resolution, image_column=args.image_column,
+                                caption_column=args.caption_column, missing_captions=args.missing_captions)
+
+
+def resolve_resume(args) -> Path | None:
+    """The checkpoint to resume from; an explicit path that is not a checkpoint is an error before any write."""
+    if not args.resume_from_checkpoint:
+        return None
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(args.resume_from_checkpoint)
+    for candidate in (path, output_dir / path):
+        if (candidate / "state.json").is_file():
+            return candidate
+    existing = sorted(p.name for p in output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint {path}: no checkpoint there (a checkpoint-<step> folder with state.json; "
+        f"checkpoints in {output_dir}: {existing or 'none'})"
+    )
+
+
+def log_validation(args, components, unet, accelerator, step: int, tag: str) -> None:
+    """Generate ``--num_validation_images`` for the prompt, save them and log them to the tracker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=unet, vae=components.vae, text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    with torch.no_grad(), accelerator.autocast():
+        images = pipe([args.validation_prompt] * args.num_validation_images, height=args.resolution,
+                      width=args.resolution, num_inference_steps=args.validation_inference_steps,
+                      generator=generator).images
+    unet.train(was_training)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{tag}-{i}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Every input is checked before anything is written.
+    check_sd_folder(args.pretrained_model_name_or_path)
+    resume = resolve_resume(args)
+    if resume is not None:
+        import json
+
+        saved = json.loads((resume / "state.json").read_text())["extra"]
+        if saved.get("method") != args.method:
+            raise ValueError(f"{resume} was written by --method {saved.get('method')}, not --method {args.method}")
+        args.seed = saved["seed"]  # the data order and noise are functions of it
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**31)
+    dataset = build_dataset(args)
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    components = load_sd_components(args.pretrained_model_name_or_path, args.prediction_type)
+    tokenizer, noise_scheduler = components.tokenizer, components.noise_scheduler
+    text_encoder = components.text_encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    vae = components.vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    unet = components.unet.requires_grad_(False)
+    if args.method != "full":  # frozen backbone in the compute dtype; the trained parameters stay fp32
+        unet.to(dtype=weight_dtype)
+    set_seed(args.seed)  # the new tuner / LoRA weights are drawn from the global RNG
+    params = add_trainable(unet, args.method, sc_down_ratio=args.sc_down_ratio, tuner_name=args.tuner_name,
+                           lora_rank=args.lora_rank, lora_target_modules=args.lora_target_modules.split(","))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(accelerator.device).train()
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    trained = TrainableState(accelerator.unwrap_model(unet))
+
+    first_step = 0
+    if resume is not None:
+        state = load_checkpoint(resume, {"trainable": trained}, optimizer)
+        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
+        first_step = state["step"]
+        accelerator.print(f"resumed from {resume} at step {first_step}")
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers("train_sc_tuner", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                            for k, v in vars(args).items()})
+    accelerator.print(f"{len(dataset)} training images; {sum(p.numel() for p in params):,d} trainable parameters "
+                      f"({args.method}); {args.max_train_steps} steps of {args.train_batch_size} x "
+                      f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")
+
+    per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
+                    desc="Steps", disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_loss = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            generator = step_generator(args.seed, step, micro, accelerator.process_index)
+            start = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * args.train_batch_size
+            pixels, captions = make_batch(dataset, batch_indices(args.seed, start, args.train_batch_size, len(dataset)),
+                                          generator, args.random_flip)
+            with accelerator.accumulate(unet):
+                with torch.no_grad():
+                    latents = encode_images(vae, pixels, generator)
+                    context = encode_prompts(tokenizer, text_encoder, captions)
+                loss = denoising_loss(unet, noise_scheduler, latents, context, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
+        lr_scheduler.step()
+        global_step = step + 1
+        lr = lr_scheduler.get_last_lr()[0]
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {global_step}; lower --learning_rate?")
+
+        if accelerator.is_main_process:
+            if global_step % args.checkpointing_steps == 0:
+                extra = {"seed": args.seed, "method": args.method, "lr_scheduler": lr_scheduler.state_dict()}
+                path = save_checkpoint(output_dir, global_step, {"trainable": trained}, optimizer, extra=extra,
+                                       total_limit=args.checkpoints_total_limit)
+                accelerator.print(f"\nsaved {path}")
+            if args.validation_prompt and global_step % args.validation_steps == 0:
+                log_validation(args, components, accelerator.unwrap_model(unet), accelerator, global_step,
+                               f"step-{global_step:06d}")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(unet)
+        save_trained(final, args.method, output_dir, tuner_name=args.tuner_name if args.method == "sc" else None)
+        accelerator.print(f"saved the {args.method} result to {output_dir}")
+        if args.validation_prompt:
+            log_validation(args, components, final, accelerator, args.max_train_steps, "final")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

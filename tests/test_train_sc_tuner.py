@@ -1,0 +1,169 @@
+"""scripts/train_sc_tuner.py on a tiny SD folder: each method's output loads the standard way, resume is exact,
+bad input fails before anything is written, and the script runs under ``accelerate launch`` with 2 processes."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import vistune
+from vistune.data import ShapesDataset
+from vistune.sd_training import denoising_loss, encode_images, encode_prompts, load_sd_components, make_batch
+from vistune.testing import tiny_sd_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "train_sc_tuner.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_sc_tuner", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_sc_tuner"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+def args_for(sd_folder, out, *extra):
+    return ["--pretrained_model_name_or_path", str(sd_folder), "--shapes_domain", "striped", "--num_train_images", "16",
+            "--resolution", "32", "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
+            "--output_dir", str(out), *extra]
+
+
+def domain_loss(unet, components, seed=123):
+    """The denoising loss on a fixed batch of unseen striped scenes with fixed noise."""
+    data = ShapesDataset(8, seed=seed, size=32, style="striped")
+    generator = torch.Generator().manual_seed(seed)
+    pixels, captions = make_batch(data, range(8))
+    with torch.no_grad():
+        latents = encode_images(components.vae, pixels, generator)
+        context = encode_prompts(components.tokenizer, components.text_encoder, captions)
+        return denoising_loss(unet, components.noise_scheduler, latents, context, generator).item()
+
+
+def test_sc_lowers_domain_loss_and_loads(script, sd_folder, tmp_path):
+    out = tmp_path / "sc"
+    argv = args_for(sd_folder, out, "--max_train_steps", "8", "--learning_rate", "3e-3", "--train_batch_size", "4",
+                    "--checkpointing_steps", "4", "--checkpoints_total_limit", "1", "--validation_prompt",
+                    "a red circle", "--validation_steps", "8", "--num_validation_images", "1",
+                    "--validation_inference_steps", "2")
+    assert script.main(argv) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]  # total limit 1
+    assert (out / "validation" / "step-000008-0.png").is_file() and (out / "validation" / "final-0.png").is_file()
+    assert not list(out.glob(".staging-*"))
+
+    components = load_sd_components(sd_folder)
+    assert vistune.load_tuners(components.unet, out) == ["default"]
+    with vistune.disabled(components.unet):
+        before = domain_loss(components.unet, components)
+    after = domain_loss(components.unet, components)
+    assert after < before, (before, after)
+
+
+def test_lora_output_loads_with_load_lora_weights(script, sd_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora"
+    argv = args_for(sd_folder, out, "--method", "lora", "--lora_rank", "4", "--max_train_steps", "2",
+                    "--learning_rate", "1e-2")
+    assert script.main(argv) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    components = load_sd_components(sd_folder)
+    base = domain_loss(pipe.unet, components)
+    pipe.load_lora_weights(out)
+    assert domain_loss(pipe.unet, components) != base
+
+
+def test_full_output_loads_with_from_pretrained(script, sd_folder, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "full"
+    assert script.main(args_for(sd_folder, out, "--method", "full", "--max_train_steps", "1")) == 0
+    trained = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
+    changed = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters())]
+    assert any(changed)
+
+
+def test_killed_run_resumes_to_the_same_weights(script, sd_folder, tmp_path, monkeypatch):
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2",
+              "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert script.main(args_for(sd_folder, straight, *common)) == 0
+
+    calls = {"n": 0}
+    real_loss = script.denoising_loss
+
+    def dies_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # 2 steps x 2 micro-batches, then the process "dies"
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(script, "denoising_loss", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(args_for(sd_folder, killed, *common))
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (killed / vistune.WEIGHTS_NAME).exists()  # no final output from a killed run
+    monkeypatch.setattr(script, "denoising_loss", real_loss)
+
+    assert script.main(args_for(sd_folder, killed, *common, "--resume_from_checkpoint", "latest")) == 0
+    expected = safetensors.torch.load_file(straight / vistune.WEIGHTS_NAME)
+    resumed = safetensors.torch.load_file(killed / vistune.WEIGHTS_NAME)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    assert any(v.abs().sum() > 0 for k, v in resumed.items() if "ln2.weight" in k)  # it did train
+
+
+def test_bad_input_fails_before_writing(script, sd_folder, tmp_path):
+    out = tmp_path / "out"
+    not_sd = tmp_path / "not-sd"
+    (not_sd / "unet").mkdir(parents=True)
+    (not_sd / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"not a diffusers Stable Diffusion folder: missing unet/config.json, vae/"):
+        script.main(args_for(not_sd, out, "--max_train_steps", "1"))
+    with pytest.raises(FileNotFoundError, match="no such local folder"):
+        script.main(args_for(tmp_path / "nowhere", out, "--max_train_steps", "1"))
+    with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint .*checkpoint-7: no checkpoint"):
+        script.main(args_for(sd_folder, out, "--resume_from_checkpoint", "checkpoint-7"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = args_for(sd_folder, out)
+    argv[argv.index("--shapes_domain"):argv.index("--shapes_domain") + 2] = ["--train_data_dir", str(empty)]
+    with pytest.raises(ValueError, match="holds no usable training image"):
+        script.main(argv)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_with_accelerate_launch(sd_folder, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate's --cpu flag runs a single process; two CPU processes (gloo) are torchrun's multi-process
+    # launch with ACCELERATE_USE_CPU, which makes the Accelerator pick MULTI_CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           *args_for(sd_folder, out, "--max_train_steps", "2", "--checkpointing_steps", "2")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout + result.stderr
+    components = load_sd_components(sd_folder)
+    assert vistune.load_tuners(components.unet, out) == ["default"]
+    assert (out / "checkpoint-2" / "state.json").is_file()
