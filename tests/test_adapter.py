@@ -209,15 +209,21 @@ def test_save_load_round_trip_and_depth_mismatch(tmp_path):
     assert not hasattr(deeper, "vistune_tuners") and all_hooks(deeper) == 0
 
 
-def test_training_adapters_imitates_a_teacher():
-    """A randomly set teacher adapter defines reachable targets; training a fresh adapter closes the gap."""
-    model = tiny_vit()
-    x = images(batch=8)
+def teacher_targets(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Outputs of ``model`` with a randomly set 8-wide adapter (detached again): targets a fresh tuner can reach."""
     teacher = vistune.attach(model, AdapterConfig(bottleneck=8), name="teacher")
     randomize(teacher, seed=3, std=0.3)
     with torch.no_grad():
         target = model(x)
     vistune.detach(model, "teacher")
+    return target
+
+
+def test_training_adapters_imitates_a_teacher():
+    """A randomly set teacher adapter defines reachable targets; training a fresh adapter closes the gap."""
+    model = tiny_vit()
+    x = images(batch=8)
+    target = teacher_targets(model, x)
     vistune.attach(model, AdapterConfig(bottleneck=8), name="student")
     optimizer = torch.optim.AdamW(vistune.trainable_parameters(model), lr=1e-2)
     losses = []

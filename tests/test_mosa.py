@@ -10,7 +10,7 @@ from vistune.tuners.adapter import AdapterConfig, AdapterTuner, BottleneckAdapte
 from vistune.tuners.mosa import MoSAConfig, MoSALinear, MoSATuner, merge_mosa, mosa_consistency_loss, split_assignment
 
 from .conftest import randomize
-from .test_adapter import block_io
+from .test_adapter import block_io, teacher_targets
 from .test_vit_site import all_hooks, images, one_thread, reference_block, tiny_vit  # noqa: F401 (autouse fixture)
 
 
@@ -208,11 +208,7 @@ def test_training_with_the_consistency_loss_reduces_the_task_loss():
     """Imitate a randomly set teacher adapter with two-draw training; the merged (eval) model must get close."""
     model = tiny_vit()
     x = images(batch=8)
-    teacher = vistune.attach(model, AdapterConfig(bottleneck=8), name="teacher")
-    randomize(teacher, seed=3, std=0.3)
-    with torch.no_grad():
-        target = model(x)
-    vistune.detach(model)
+    target = teacher_targets(model, x)
     vistune.attach(model, MoSAConfig(bottleneck=8, share="down"))
     optimizer = torch.optim.AdamW(vistune.trainable_parameters(model), lr=1e-2)
 

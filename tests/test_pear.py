@@ -18,7 +18,7 @@ from vistune.tuners.pear import (
 )
 
 from .conftest import randomize
-from .test_adapter import block_io, reference_adapter
+from .test_adapter import block_io, reference_adapter, teacher_targets
 from .test_vit_site import all_hooks, images, one_thread, reference_block, tiny_vit  # noqa: F401 (autouse fixture)
 
 SCORES = {"mlp.0": 4.0, "mlp.1": 1.0, "mlp.2": 3.0, "mlp.3": 2.0}
@@ -126,11 +126,7 @@ def test_loading_into_another_depth_is_refused(tmp_path, depth, message):
 def test_houlsby_prunes_each_kind_and_keeps_training():
     model = tiny_vit()
     x = images(batch=8)
-    teacher = vistune.attach(model, AdapterConfig(bottleneck=8), name="teacher")
-    randomize(teacher, seed=3, std=0.3)
-    with torch.no_grad():
-        target = model(x)
-    vistune.detach(model)
+    target = teacher_targets(model, x)
     tuner = vistune.attach(model, AdapterConfig(style="houlsby", bottleneck=4))
     optimizer = torch.optim.AdamW(vistune.trainable_parameters(model), lr=1e-2)
     for _ in range(5):  # a few steps to score the adapters
