@@ -1,7 +1,23 @@
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from vistune.testing import tiny_sd_pipeline, tiny_unet
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as module ``name`` (scripts are not a package), so tests can call ``main``."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomize(module: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:

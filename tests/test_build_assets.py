@@ -1,22 +1,12 @@
 """scripts/build_assets.py end to end at toy sizes: every stage runs and its outputs load the standard way."""
 
-import importlib.util
-import sys
-from pathlib import Path
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build_assets.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("build_assets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_assets"] = module
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_script
 
 
 @pytest.mark.slow
@@ -24,13 +14,15 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     import timm
     from diffusers import StableDiffusionPipeline
 
-    build = load_script()
+    build = load_script("build_assets")
     out, work = tmp_path / "assets", tmp_path / "work"
     argv = ["--output_dir", str(out), "--work_dir", str(work), "--stages", "tokenizer,vae,sd,vit",
             "--num_images", "48", "--vae_steps", "2", "--sd_steps", "3", "--sd_batch_size", "4",
-            "--vit_steps", "2", "--vit_images", "40", "--checkpointing_steps", "2"]
+            "--vit_steps", "2", "--vit_images", "40", "--checkpointing_steps", "2", "--sd_eval_steps", "2"]
     assert build.main(argv) == 0
     assert {p.name for p in (work / "sd").iterdir()} == {"checkpoint-2", "checkpoint-3"}
+    curve = json.loads((out / "build_report.json").read_text())["sd_fidelity_curve"]
+    assert [point["step"] for point in curve] == [2] and 0 <= curve[0]["heldout_caption_fidelity"] <= 1
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-sd-shapes")
     pipe.set_progress_bar_config(disable=True)

@@ -1,7 +1,6 @@
 """scripts/train_sc_tuner.py on a tiny SD folder: each method's output loads the standard way, resume is exact,
 bad input fails before anything is written, and the script runs under ``accelerate launch`` with 2 processes."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,21 +15,15 @@ from vistune.data import ShapesDataset
 from vistune.sd_training import denoising_loss, encode_images, encode_prompts, load_sd_components, make_batch
 from vistune.testing import tiny_sd_pipeline
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train_sc_tuner.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_sc_tuner", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_sc_tuner"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return load_script("train_sc_tuner")
 
 
 @pytest.fixture(scope="module")
