@@ -219,18 +219,24 @@ def teacher_targets(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return target
 
 
+def imitate(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int) -> list[float]:
+    """Train what requires grad in ``model`` toward ``target`` (MSE, AdamW 1e-2); the loss of every step."""
+    optimizer = torch.optim.AdamW(vistune.trainable_parameters(model), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_training_adapters_imitates_a_teacher():
     """A randomly set teacher adapter defines reachable targets; training a fresh adapter closes the gap."""
     model = tiny_vit()
     x = images(batch=8)
     target = teacher_targets(model, x)
     vistune.attach(model, AdapterConfig(bottleneck=8), name="student")
-    optimizer = torch.optim.AdamW(vistune.trainable_parameters(model), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = F.mse_loss(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = imitate(model, x, target, steps=40)
     assert losses[-1] < 0.3 * losses[0], losses

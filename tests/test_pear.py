@@ -18,7 +18,7 @@ from vistune.tuners.pear import (
 )
 
 from .conftest import randomize
-from .test_adapter import block_io, reference_adapter, teacher_targets
+from .test_adapter import block_io, imitate, reference_adapter, teacher_targets
 from .test_vit_site import all_hooks, images, one_thread, reference_block, tiny_vit  # noqa: F401 (autouse fixture)
 
 SCORES = {"mlp.0": 4.0, "mlp.1": 1.0, "mlp.2": 3.0, "mlp.3": 2.0}
@@ -141,14 +141,7 @@ def test_houlsby_prunes_each_kind_and_keeps_training():
     assert all(k.split(".")[0] == v.split(".")[0] for k, v in pear.config.shared.items())
     assert len(pear.attn) == 2 and len(pear.mlp) == 2
     assert tuner not in vistune.list_tuners(model).values()
-    optimizer = torch.optim.AdamW(vistune.trainable_parameters(model), lr=1e-2)
-    losses = []
-    for _ in range(25):
-        loss = F.mse_loss(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = imitate(model, x, target, steps=25)
     assert losses[-1] < 0.3 * losses[0], losses
 
 
