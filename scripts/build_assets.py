@@ -313,15 +313,12 @@ def stage_report(args) -> dict:
 
 def heldout_fidelity(pipe, args, images_per_prompt: int) -> dict:
     """Caption fidelity and pair recall of ``pipe`` on the held-out (shape, colour) prompts, 25 DDIM steps."""
+    from vistune.demo import generate
     from vistune.metrics import caption_fidelity, pair_recall
 
     pipe.set_progress_bar_config(disable=True)
     prompts = held_out_prompts()
-    images = []
-    for i, prompt in enumerate(tqdm(prompts, desc="held-out prompts", leave=False)):
-        generator = torch.Generator().manual_seed(args.seed + i)
-        images += pipe(prompt, num_inference_steps=25, guidance_scale=args.guidance_scale, generator=generator,
-                       num_images_per_prompt=images_per_prompt).images
+    images = generate(pipe, prompts, args.seed, images_per_prompt, guidance_scale=args.guidance_scale, progress=True)
     repeated = [p for p in prompts for _ in range(images_per_prompt)]
     return {"fidelity": caption_fidelity(images, repeated), "pair_recall": pair_recall(images, repeated),
             "prompts": prompts, "images": images}

@@ -39,12 +39,13 @@ GUIDANCE = 4.0
 SAMPLING_STEPS = 25
 
 
-def generate(pipe, prompts: Sequence[str], seed: int, images_per_prompt: int = 2) -> list:
+def generate(pipe, prompts: Sequence[str], seed: int, images_per_prompt: int = 2, guidance_scale: float = GUIDANCE,
+             progress: bool = False) -> list:
     """``images_per_prompt`` images per prompt, seeded per prompt so every call reproduces the same noise."""
     images = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False, disable=not progress)):
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
-        images += pipe(prompt, num_inference_steps=SAMPLING_STEPS, guidance_scale=GUIDANCE, generator=generator,
+        images += pipe(prompt, num_inference_steps=SAMPLING_STEPS, guidance_scale=guidance_scale, generator=generator,
                        num_images_per_prompt=images_per_prompt).images
     return images
 
