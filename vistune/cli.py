@@ -1,12 +1,15 @@
-"""The ``vistune`` command: ``vistune demo``, ``vistune info [PATH]``."""
+"""The ``vistune`` command: ``vistune demo``, ``vistune bench SUITE``, ``vistune info [PATH]``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from .bench import SUITES
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -53,9 +56,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import sc
-
-    sc.run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir)
+    importlib.import_module(f".bench.{SUITES[args.suite][0]}", __package__).run_from_args(args)
     return 0
 
 
@@ -80,11 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="cost benchmarks against the baselines, each method in a fresh subprocess")
     bench_sub = bench.add_subparsers(dest="suite", required=True)
-    from .bench import sc
-
-    sc_parser = bench_sub.add_parser("sc", help="SC-Tuner vs peft LoRA vs full fine-tuning (SD1.5 U-Net, random weights)")
-    sc.add_arguments(sc_parser)
-    sc_parser.set_defaults(func=_bench)
+    for suite, (module, text) in SUITES.items():
+        suite_parser = bench_sub.add_parser(suite, help=text)
+        importlib.import_module(f".bench.{module}", __package__).add_arguments(suite_parser)
+        suite_parser.set_defaults(func=_bench)
     info = sub.add_parser("info", help="versions, device and registered tuners; or describe a saved tuner folder")
     info.add_argument("path", nargs="?", help="a folder written by vistune.save_tuners")
     info.set_defaults(func=_info)

@@ -1,1 +1,7 @@
 """Cost benchmarks: each method measured in a fresh subprocess, reported as ratios to a baseline of the same run."""
+
+# `vistune bench <suite>`: suite name -> (module under vistune.bench, help). Each module has
+# `add_arguments(parser)` and `run_from_args(args)`, and runs its cases in fresh subprocesses.
+SUITES: dict[str, tuple[str, str]] = {
+    "sc": ("sc", "SC-Tuner vs peft LoRA vs full fine-tuning (SD1.5 U-Net, random weights)"),
+}

@@ -156,6 +156,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="benchmarks/results")
 
 
+def run_from_args(args: argparse.Namespace) -> None:
+    run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
     if args.case:
         print(json.dumps(run_one(json.loads(args.case))))
         return 0
-    run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir)
+    run_from_args(args)
     return 0
 
 
