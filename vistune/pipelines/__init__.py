@@ -1,0 +1,5 @@
+"""diffusers pipelines that need more than an attached tuner: control images, dense prediction, watermark detection.
+
+Each pipeline lives in its own module and is re-exported here; the folders under the repository's ``pipelines/``
+are thin ``custom_pipeline=`` entry points that import these classes.
+"""
