@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Style adaptation of the shipped tiny SD by SC-Tuner, peft LoRA and full fine-tuning, measured side by side.
+
+    python scripts/eval_sc_adaptation.py                       # pastel, 600 steps, all methods
+    python scripts/eval_sc_adaptation.py --style striped --steps 1000
+
+Every method is trained by ``scripts/train_sc_tuner.py`` (one loop, same data, steps, batch, learning rate and
+seed; a fresh subprocess each), loaded back the way users load it (``load_tuners``, ``load_lora_weights``,
+``UNet2DConditionModel.from_pretrained``), and measured with the analytic metrics on the same seeded prompts:
+
+* style statistic of the target domain (``vistune.data.style_statistic``) and the share of the gap from the base
+  model's value to real images of that style that the method closes;
+* caption fidelity (every prompted colour and shape found by the checker) and its change from the base model.
+
+Writes ``<output_dir>/sc_adaptation.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vistune import core
+from vistune.assets import asset_path
+from vistune.bench.runner import write_results
+from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain
+from vistune.metrics import caption_fidelity
+from vistune.sd_training import LORA_WEIGHT_NAME
+
+SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
+METHODS = ("sc", "lora", "full")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="default: the shipped assets/tiny-sd-shapes")
+    p.add_argument("--style", default="pastel")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--full_learning_rate", type=float, default=None,
+                   help="learning rate for full fine-tuning (default: --learning_rate / 10, its usual setting)")
+    p.add_argument("--lora_rank", type=int, default=4, help="4: about SC-Tuner's trainable parameters on the tiny U-Net")
+    p.add_argument("--num_train_images", type=int, default=1000)
+    p.add_argument("--images_per_prompt", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work_dir", default="build/eval_sc_adaptation")
+    p.add_argument("--output_dir", default="benchmarks/results")
+    return p.parse_args(argv)
+
+
+def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
+    """Train ``method`` with the training script in a fresh process; returns its wall time in seconds."""
+    lr = args.learning_rate if method != "full" else (args.full_learning_rate or args.learning_rate / 10)
+    command = [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(base), "--method", method,
+               "--shapes_domain", args.style, "--num_train_images", str(args.num_train_images),
+               "--resolution", str(resolution),
+               "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
+               "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
+               "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - started
+
+
+def load_pipeline(base: Path, method: str | None = None, trained: Path | None = None):
+    """The base pipeline, or the base with ``method``'s output loaded the way a user loads it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if method == "sc":
+        core.load_tuners(pipe.unet, trained)
+    elif method == "lora":
+        pipe.load_lora_weights(trained, weight_name=LORA_WEIGHT_NAME)
+    elif method == "full":
+        pipe.unet = UNet2DConditionModel.from_pretrained(trained, subfolder="unet")
+    return pipe
+
+
+def trainable_count(pipe, method: str | None) -> int:
+    unet = pipe.unet
+    if method == "sc":
+        return sum(p.numel() for tuner in core.list_tuners(unet).values() for p in tuner.parameters())
+    if method == "lora":
+        return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    return sum(p.numel() for p in unet.parameters()) if method == "full" else 0
+
+
+def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None) -> dict:
+    images = generate(pipe, PROMPTS, args.seed, args.images_per_prompt)
+    row = {"style_statistic": mean_statistic(images, args.style), "caption_fidelity": caption_fidelity(images, prompts)}
+    if base_row is not None:
+        row["style_gap_closed"] = (row["style_statistic"] - base_row["style_statistic"]) / (target - base_row["style_statistic"])
+        row["fidelity_change_points"] = 100 * (row["caption_fidelity"] - base_row["caption_fidelity"])
+    return row, images
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Style adaptation of the shipped tiny SD to '{meta['style']}'",
+        "",
+        f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
+        f"(full fine-tuning {meta['full_learning_rate']:g}), seed {meta['seed']}, {meta['train_images']} training scenes; "
+        f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
+        f"score {meta['style_target']:.3f}.",
+        "",
+        "| method | trainable params | style statistic | gap closed | caption fidelity | fidelity change | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gap = f"{100 * r['style_gap_closed']:.0f}%" if "style_gap_closed" in r else "0%"
+        change = f"{r['fidelity_change_points']:+.1f} pts" if "fidelity_change_points" in r else "-"
+        seconds = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
+        lines.append(f"| {r['method']} | {r['trainable_params']:,d} | {r['style_statistic']:.3f} | {gap} | "
+                     f"{100 * r['caption_fidelity']:.1f}% | {change} | {seconds} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    base = Path(args.pretrained_model_name_or_path or asset_path("tiny-sd-shapes"))
+    work, results = Path(args.work_dir), Path(args.output_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    prompts = [p for p in PROMPTS for _ in range(args.images_per_prompt)]
+    pipe = load_pipeline(base)
+    size = pipe.vae.config.sample_size
+    reference, _ = style_domain(args.style, 128, args.seed + 2000, size)
+    target = mean_statistic(reference, args.style)
+
+    base_row, images = measure(args, pipe, prompts, target, None)
+    rows = [{"method": "base", "trainable_params": 0, **base_row}]
+    grids = {"base": images}
+    for method in args.methods:
+        out = work / method
+        seconds = train(args, method, base, out, size)
+        pipe = load_pipeline(base, method, out)
+        row, images = measure(args, pipe, prompts, target, base_row)
+        rows.append({"method": method, "trainable_params": trainable_count(pipe, method), "train_seconds": seconds, **row})
+        grids[method] = images
+        print(json.dumps(rows[-1]))
+
+    meta = {"style": args.style, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+            "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
+            "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
+            "lora_rank": args.lora_rank}
+    table = markdown(rows, meta)
+    write_results(rows, meta, table, results, "sc_adaptation")
+    first = [images[i] for images in grids.values() for i in range(0, len(images), args.images_per_prompt)]
+    save_grid(first, len(PROMPTS), results / "sc_adaptation.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
