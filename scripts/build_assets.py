@@ -48,7 +48,7 @@ from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
 
 SD_RES = 32
 VIT_RES = 64
-MAX_TOKENS = 16
+MAX_TOKENS = 20  # the longest caption (three shapes) is 17 tokens with BOS/EOS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_images", type=int, default=20000, help="training scenes for the SD stages")
     p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--vae_batch_size", type=int, default=32)
+    p.add_argument("--vae_latent_channels", type=int, default=4)
+    p.add_argument("--vae_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
     p.add_argument("--sd_steps", type=int, default=2800)
     p.add_argument("--sd_batch_size", type=int, default=128)
     p.add_argument("--sd_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
@@ -134,16 +137,18 @@ def stage_vae(args, accelerator, images) -> dict:
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+        in_channels=3, out_channels=3, latent_channels=args.vae_latent_channels, layers_per_block=1, norm_num_groups=16,
         block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, sample_size=SD_RES,
     )
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     generator = torch.Generator().manual_seed(args.seed)
 
     def step_fn(step):
-        x = images[torch.randint(0, len(images), (32,), generator=generator)].to(accelerator.device)
+        for group in optimizer.param_groups:
+            group["lr"] = args.vae_learning_rate * warmup_cosine(step, args.vae_steps)
+        x = images[torch.randint(0, len(images), (args.vae_batch_size,), generator=generator)].to(accelerator.device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -160,7 +165,22 @@ def stage_vae(args, accelerator, images) -> dict:
     vae.save_pretrained(Path(args.output_dir) / "tiny-sd-shapes" / "vae")
     mse = F.mse_loss(recon.clamp(-1, 1), images[:256]).item()
     psnr = 10 * math.log10(4.0 / mse)
-    return {"vae_final_loss": loss, "vae_recon_psnr_db": psnr, "vae_seconds": time.perf_counter() - started}
+    return {"vae_final_loss": loss, "vae_recon_psnr_db": psnr, "vae_checker_ceiling": vae_checker_ceiling(vae, args.seed),
+            "vae_seconds": time.perf_counter() - started}
+
+
+def vae_checker_ceiling(vae, seed: int, count: int = 300) -> float:
+    """Caption fidelity of the checker on VAE reconstructions of fresh one-shape scenes: the best any U-Net can
+    score through this decoder (the checker finds 100% of these pairs on the scenes themselves)."""
+    from vistune.metrics import caption_fidelity
+
+    scenes = [sample_scene((seed + 7, i), size=SD_RES, num_shapes=1) for i in range(count)]
+    pixels = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(pixels.to(device)).latent_dist.mode()).sample.cpu()
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return caption_fidelity(list(recon), [s.caption for s in scenes])
 
 
 def stage_sd(args, accelerator, images, captions) -> dict:
@@ -184,7 +204,8 @@ def stage_sd(args, accelerator, images, captions) -> dict:
     ))
     widths = tuple(int(w) for w in args.unet_channels.split(","))
     unet = UNet2DConditionModel(
-        sample_size=SD_RES // 4, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=widths,
+        sample_size=SD_RES // 4, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+        layers_per_block=2, block_out_channels=widths,
         down_block_types=("CrossAttnDownBlock2D",) * len(widths), up_block_types=("CrossAttnUpBlock2D",) * len(widths),
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
     )

@@ -18,10 +18,13 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     out, work = tmp_path / "assets", tmp_path / "work"
     argv = ["--output_dir", str(out), "--work_dir", str(work), "--stages", "tokenizer,vae,sd,vit",
             "--num_images", "48", "--vae_steps", "2", "--sd_steps", "3", "--sd_batch_size", "4",
-            "--vit_steps", "2", "--vit_images", "40", "--checkpointing_steps", "2", "--sd_eval_steps", "2"]
+            "--vit_steps", "2", "--vit_images", "40", "--checkpointing_steps", "2", "--sd_eval_steps", "2",
+            "--vae_latent_channels", "8"]
     assert build.main(argv) == 0
     assert {p.name for p in (work / "sd").iterdir()} == {"checkpoint-2", "checkpoint-3"}
-    curve = json.loads((out / "build_report.json").read_text())["sd_fidelity_curve"]
+    report = json.loads((out / "build_report.json").read_text())
+    assert 0 <= report["vae_checker_ceiling"] <= 1
+    curve = report["sd_fidelity_curve"]
     assert [point["step"] for point in curve] == [2] and 0 <= curve[0]["heldout_caption_fidelity"] <= 1
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-sd-shapes")
@@ -31,6 +34,9 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     assert image.shape == (32, 32, 3)
     ids = pipe.tokenizer("a red circle").input_ids
     assert len(ids) == 5  # start, three one-token words, end
+    longest = "a red circle, a blue square and a green star on a white background"
+    assert len(pipe.tokenizer(longest).input_ids) <= pipe.tokenizer.model_max_length  # no caption is truncated
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
     vit = timm.create_model(f"local-dir:{out / 'tiny-vit-shapes'}", pretrained=True)
     assert vit(torch.zeros(1, 3, 64, 64)).shape == (1, 24)
     saved = load_file(str(out / "tiny-vit-shapes" / "model.safetensors"))
