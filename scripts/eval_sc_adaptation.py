@@ -12,7 +12,7 @@ seed; a fresh subprocess each), loaded back the way users load it (``load_tuners
   model's value to real images of that style that the method closes;
 * caption fidelity (every prompted colour and shape found by the checker) and its change from the base model.
 
-Writes ``<output_dir>/sc_adaptation.json`` and ``.md``.
+Writes ``<output_dir>/sc_adaptation_<style>.{json,md,png}`` (the grid: one image per prompt, a row per method).
 """
 
 from __future__ import annotations
@@ -154,9 +154,9 @@ def main(argv=None) -> int:
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
             "lora_rank": args.lora_rank}
     table = markdown(rows, meta)
-    write_results(rows, meta, table, results, "sc_adaptation")
+    write_results(rows, meta, table, results, f"sc_adaptation_{args.style}")
     first = [images[i] for images in grids.values() for i in range(0, len(images), args.images_per_prompt)]
-    save_grid(first, len(PROMPTS), results / "sc_adaptation.png")
+    save_grid(first, len(PROMPTS), results / f"sc_adaptation_{args.style}.png")
     print(table)
     return 0
 

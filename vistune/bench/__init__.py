@@ -4,4 +4,5 @@
 # `add_arguments(parser)` and `run_from_args(args)`, and runs its cases in fresh subprocesses.
 SUITES: dict[str, tuple[str, str]] = {
     "sc": ("sc", "SC-Tuner vs peft LoRA vs full fine-tuning (SD1.5 U-Net, random weights)"),
+    "vit": ("vit", "HST vs full / linear / LoRA training cost (ViT-B/16, random weights)"),
 }

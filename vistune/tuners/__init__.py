@@ -2,12 +2,13 @@
 
 from .adapter import AdapterConfig, AdapterTuner
 from .csc_tuner import CSCTuner, CSCTunerConfig, get_control, set_control
+from .hst import HSTConfig, HSTTuner, hst_features
 from .mosa import MoSAConfig, MoSATuner, merge_mosa, mosa_consistency_loss
 from .pear import PearConfig, PearTuner, accumulate_importance, importance_scores, prune_and_share, reset_importance
 from .sc_tuner import SCTuner, SCTunerConfig
 
 __all__ = [
-    "AdapterConfig", "AdapterTuner", "CSCTuner", "CSCTunerConfig", "MoSAConfig", "MoSATuner", "PearConfig", "PearTuner", "SCTuner", "SCTunerConfig",
-    "accumulate_importance", "get_control", "importance_scores", "merge_mosa", "mosa_consistency_loss", "prune_and_share",
+    "AdapterConfig", "AdapterTuner", "CSCTuner", "CSCTunerConfig", "HSTConfig", "HSTTuner", "MoSAConfig", "MoSATuner", "PearConfig", "PearTuner", "SCTuner", "SCTunerConfig",
+    "accumulate_importance", "get_control", "hst_features", "importance_scores", "merge_mosa", "mosa_consistency_loss", "prune_and_share",
     "reset_importance", "set_control",
 ]
