@@ -110,7 +110,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
         f"(full fine-tuning {meta['full_learning_rate']:g}), seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
-        f"score {meta['style_target']:.3f}.",
+        f"score {meta['style_target']:.3f}. Train time is wall clock on the machine as it was shared during the run.",
         "",
         "| method | trainable params | style statistic | gap closed | caption fidelity | fidelity change | train time |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -1,4 +1,4 @@
-"""The ``vistune`` command: ``vistune demo``, ``vistune bench SUITE``, ``vistune info [PATH]``."""
+"""The ``vistune`` command: ``vistune demo``, ``vistune bench SUITE``, ``vistune detect FILE...``, ``vistune info [PATH]``."""
 
 from __future__ import annotations
 
@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         suite_parser = bench_sub.add_parser(suite, help=text)
         importlib.import_module(f".bench.{module}", __package__).add_arguments(suite_parser)
         suite_parser.set_defaults(func=_bench)
+    from .tuners.watermark import cli as watermark_cli
+
+    detect = sub.add_parser("detect", help="is each image watermarked with KEY? matched bits, p-value, decision at an FPR")
+    watermark_cli.add_arguments(detect)
+    detect.set_defaults(func=watermark_cli.run)
     info = sub.add_parser("info", help="versions, device and registered tuners; or describe a saved tuner folder")
     info.add_argument("path", nargs="?", help="a folder written by vistune.save_tuners")
     info.set_defaults(func=_info)

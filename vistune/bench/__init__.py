@@ -4,5 +4,6 @@
 # `add_arguments(parser)` and `run_from_args(args)`, and runs its cases in fresh subprocesses.
 SUITES: dict[str, tuple[str, str]] = {
     "sc": ("sc", "SC-Tuner vs peft LoRA vs full fine-tuning (SD1.5 U-Net, random weights)"),
+    "watermark": ("watermark", "watermark decoder tuning on the tiny SD: bit accuracy / TPR per attack, PSNR/SSIM, FPR, time"),
     "vit": ("vit", "HST vs full / linear / LoRA training cost (ViT-B/16, random weights)"),
 }

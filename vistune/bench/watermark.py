@@ -1,0 +1,298 @@
+"""Watermark decoder tuning on the shipped tiny SD: robustness, quality, false positives, generation cost.
+
+    python -m vistune.bench.watermark --watermarked out/wm           # or: vistune bench watermark / scripts/bench_watermark.py
+    python -m vistune.bench.watermark --watermarked out/wm --compare out/wm-pas
+
+``--watermarked`` is an output folder of ``scripts/train_watermark.py`` (``vae/`` + ``key.json``). The suite
+generates ``--num_images`` images with the tiny SD (latents once, seeded per prompt), decodes them with the
+original and the watermarked decoder and reports, in one run:
+
+* per attack (the suite of ``vistune.tuners.watermark.attacks``): bit accuracy (mean) and TPR at FPR 1e-6
+  (>= 41/48 matched bits) on the watermarked images, and the FPR at the same threshold on the original decoder's
+  images under the same attack;
+* PSNR / SSIM of the watermarked images against the original decoder's;
+* the empirical false-positive count on ``--num_clean`` unwatermarked images (shapes scenes, their VAE
+  reconstructions and the original decoder's generations) and the mean/correlation of their bits;
+* generation time (s/image, same prompts and seeds) with the original decoder, the watermarked decoder, and the
+  original decoder followed by the post-hoc HiDDeN encoder (the baseline the in-generation watermark replaces).
+
+``--compare`` adds the same quality and robustness columns for a second folder (e.g. a PAS run) side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .runner import environment, write_results
+
+REPORT_ATTACKS = ("none", "jpeg_80", "jpeg_50", "crop_0.5", "crop_0.1", "resize_0.5", "resize_0.3", "brightness_1.5",
+                  "brightness_2.0", "contrast_1.5", "contrast_2.0", "saturation_1.5", "blur_1", "noise_0.05",
+                  "rotate_10", "comb")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Stable Diffusion folder (default: the shipped tiny SD)")
+    parser.add_argument("--watermarked", required=True, help="output folder of scripts/train_watermark.py")
+    parser.add_argument("--compare", nargs="*", default=[], help="more such folders to report side by side")
+    parser.add_argument("--extractor", help="extractor folder (default: the shipped one)")
+    parser.add_argument("--num_images", type=int, default=128, help="generated images (>= 1)")
+    parser.add_argument("--num_clean", type=int, default=1200, help="unwatermarked images for the FPR count")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps")
+    parser.add_argument("--timing_images", type=int, default=16)
+    parser.add_argument("--fpr", type=float, default=1e-6)
+    parser.add_argument("--video_watermarked", help="an output folder of scripts/train_watermark.py --video")
+    parser.add_argument("--num_clips", type=int, default=24, help="moving-shape clips for the video section")
+    parser.add_argument("--num_frames", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", dest="output_dir", default="benchmarks/results")
+    parser.add_argument("--name", default="watermark")
+
+
+def _load_vae(folder: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval()
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    from ..tuners.watermark.losses import ssim
+
+    return float(ssim(a, b))
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = torch.mean((a - b) ** 2, dim=(1, 2, 3)).clamp_min(1e-12)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def _generate_latents(pipe, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
+    from ..demo import GUIDANCE
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        out.append(pipe(prompt, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=generator,
+                        output_type="latent").images)
+    return torch.cat(out) / pipe.vae.config.scaling_factor
+
+
+def _time_generation(pipe, prompts: list[str], steps: int, seed: int, post=None) -> float:
+    from ..demo import GUIDANCE
+
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=generator,
+                     output_type="pt").images
+        if post is not None:
+            image = post(image)
+    return (time.perf_counter() - start) / len(prompts)
+
+
+def _bits_table(detector, images: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    from ..tuners.watermark.attacks import get_attack
+
+    rows = {}
+    for name in REPORT_ATTACKS:
+        attack = get_attack(name)
+        wm = detector.detect(attack(images["wm"]))
+        base = detector.detect(attack(clean["base"]))
+        rows[name] = {"bit_acc": float(np.mean([r.bit_accuracy for r in wm])),
+                      "tpr": float(np.mean([r.detected for r in wm])),
+                      "fpr_base": float(np.mean([r.detected for r in base]))}
+    return rows
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from ..assets import asset_path, load_tiny_sd
+    from ..tuners.watermark import HiddenEncoder, WatermarkDetector, WatermarkKey, load_extractor
+    from ..tuners.watermark.data import clean_images, decode_latents
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if args.num_images < 1 or args.num_clean < 1:
+        raise ValueError("--num_images and --num_clean must be at least 1")
+    folders = [Path(args.watermarked)] + [Path(p) for p in args.compare]
+    for folder in folders:
+        if not (folder / "vae" / "config.json").is_file() or not (folder / "key.json").is_file():
+            raise FileNotFoundError(f"{folder} is not an output of scripts/train_watermark.py (vae/ + key.json)")
+    if args.model is None:
+        pipe = load_tiny_sd()
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    extractor = load_extractor(args.extractor, device)
+
+    # prompts: shapes-world captions of one-shape scenes (they fit the tiny tokenizer's 16 tokens)
+    from ..data.shapes import sample_scene
+
+    prompts = [sample_scene((args.seed, i), size=32, num_shapes=1).caption for i in range(args.num_images)]
+    latents = _generate_latents(pipe, prompts, args.steps, args.seed)
+    base_images = decode_latents(pipe.vae, latents)
+
+    # false positives on >= num_clean unwatermarked images
+    clean = torch.cat([clean_images(max(0, args.num_clean - len(base_images)), args.seed + 7, 32, pipe.vae), base_images])
+    results: dict[str, Any] = {"folders": [str(f) for f in folders], "num_images": len(base_images),
+                               "num_clean": len(clean)}
+    per_folder = {}
+    for folder in folders:
+        key = WatermarkKey.load(folder / "key.json", num_bits=extractor.num_bits)
+        detector = WatermarkDetector(key, extractor, fpr=args.fpr)
+        vae = _load_vae(folder).to(device)
+        wm_images = decode_latents(vae, latents)
+        clean_results = detector.detect(clean)
+        clean_bits = torch.tensor([r.bits for r in clean_results], dtype=torch.float64)
+        entry = {
+            "key": key.to_string(),
+            "psnr": _psnr(wm_images, base_images),
+            "ssim": _ssim(wm_images, base_images),
+            "attacks": _bits_table(detector, {"wm": wm_images}, {"base": base_images}),
+            "clean_false_positives": int(sum(r.detected for r in clean_results)),
+            "clean_bit_acc_mean": float(np.mean([r.bit_accuracy for r in clean_results])),
+            "clean_bit_mean_range": [float(clean_bits.mean(0).min()), float(clean_bits.mean(0).max())],
+            "clean_max_abs_bit_corr": float((torch.corrcoef(clean_bits.T) - torch.eye(clean_bits.shape[1])).nan_to_num().abs().max()),
+        }
+        report_path = folder / "train_report.json"
+        if report_path.is_file():
+            report = json.loads(report_path.read_text())
+            entry["frozen_layers"] = len(report.get("frozen_layers") or [])
+            entry["tuned_layers"] = report.get("tuned_layers")
+        per_folder[str(folder)] = entry
+    results["per_folder"] = per_folder
+
+    # generation time: base decoder, watermarked decoder (replaced, not added), base + post-hoc HiDDeN encoder
+    timing_prompts = prompts[: args.timing_images]
+    # the post-hoc embedder's cost does not depend on its weights: a random HiDDeN encoder of the default size
+    # stands in when the extractor folder ships none (or one of another layout)
+    encoder = HiddenEncoder(extractor.num_bits)
+    enc_path = (Path(args.extractor) if args.extractor else asset_path("watermark-extractor")) / "encoder.safetensors"
+    if enc_path.is_file():
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(enc_path), "pt") as handle:
+            meta = handle.metadata()
+        trained = HiddenEncoder(int(meta["num_bits"]), int(meta["channels"]), int(meta["depth"]), float(meta["scaling"]))
+        try:
+            trained.load_state_dict(load_file(str(enc_path)))
+            encoder = trained
+        except RuntimeError:
+            pass
+    encoder.eval().to(device)
+    base_vae = pipe.vae
+    _time_generation(pipe, timing_prompts[:2], args.steps, args.seed)  # warm-up
+    timing = {"base": _time_generation(pipe, timing_prompts, args.steps, args.seed)}
+    pipe.vae = _load_vae(folders[0]).to(device)
+    timing["watermarked_decoder"] = _time_generation(pipe, timing_prompts, args.steps, args.seed)
+    pipe.vae = base_vae
+    message = torch.randint(0, 2, (1, encoder.num_bits), generator=torch.Generator().manual_seed(0)).float().to(device)
+
+    @torch.no_grad()
+    def post(image):
+        return encoder(image.to(device), message.expand(len(image), -1))
+
+    timing["base_plus_posthoc_hidden"] = _time_generation(pipe, timing_prompts, args.steps, args.seed, post)
+    results["timing_s_per_image"] = timing
+    if args.video_watermarked:
+        results["video"] = video_section(args, pipe.vae, extractor, Path(args.video_watermarked))
+    meta = {"env": environment(device), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    write_results([results], meta, format_table(results, args.fpr), args.output_dir, args.name)
+    print(format_table(results, args.fpr))
+    return results
+
+
+VIDEO_REPORT_ATTACKS = ("none", "frame_drop", "frame_swap", "frame_insert", "temporal_crop", "compress", "crop_0.5",
+                        "brightness_1.5")
+
+
+def video_section(args: argparse.Namespace, base_vae, extractor, folder: Path) -> dict[str, Any]:
+    """Video: per-frame bit accuracy and video-level (majority vote) TPR per video attack, PSNR, and the
+    background flicker (ground-truth static pixels) of the watermarked vs the original decoder."""
+    from ..tuners.watermark import WatermarkDetector, WatermarkKey
+    from ..tuners.watermark.attacks import get_attack
+    from ..tuners.watermark.data import decode_latents, encode_latents
+    from ..tuners.watermark.video import background_flicker, shapes_clips
+
+    if not (folder / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not an output of scripts/train_watermark.py --video")
+    key = WatermarkKey.load(folder / "key.json", num_bits=extractor.num_bits)
+    detector = WatermarkDetector(key, extractor, fpr=args.fpr)
+    clips, static = shapes_clips(args.num_clips, args.num_frames, args.seed + 1000, 32)
+    latents = encode_latents(base_vae, clips.flatten(0, 1))
+    base = decode_latents(base_vae, latents).view_as(clips)
+    wm = decode_latents(_load_vae(folder).to(next(base_vae.parameters()).device), latents).view_as(clips)
+    rows = {}
+    for name in VIDEO_REPORT_ATTACKS:
+        attack = get_attack(name, video=True)
+        videos = [attack(v) for v in wm]
+        frame_acc = float(np.mean([r.bit_accuracy for v in videos for r in detector.detect(v)]))
+        vid = [detector.detect_video(v) for v in videos]
+        base_vid = [detector.detect_video(attack(v)) for v in base]
+        rows[name] = {"frame_bit_acc": frame_acc, "video_bit_acc": float(np.mean([r.bit_accuracy for r in vid])),
+                      "video_tpr": float(np.mean([r.detected for r in vid])),
+                      "video_fpr_base": float(np.mean([r.detected for r in base_vid]))}
+    return {"folder": str(folder), "clips": args.num_clips, "frames": args.num_frames, "attacks": rows,
+            "psnr": _psnr(wm.flatten(0, 1), base.flatten(0, 1)),
+            "flicker_base": background_flicker(base, static), "flicker_watermarked": background_flicker(wm, static),
+            "flicker_source": background_flicker(clips, static)}
+
+
+def format_table(results: dict[str, Any], fpr: float) -> str:
+    folders = list(results["per_folder"])
+    names = [Path(f).name for f in folders]
+    lines = [f"Watermark decoder tuning on the tiny SD: {results['num_images']} generated 32x32 images; "
+             f"detection at FPR {fpr:g} (>= threshold matched bits).", ""]
+    header = "| attack | " + " | ".join(f"{n} bit acc | {n} TPR | base FPR" for n in names) + " |"
+    lines += [header, "|---|" + "---|---|---|" * len(names)]
+    for attack in REPORT_ATTACKS:
+        cells = []
+        for f in folders:
+            row = results["per_folder"][f]["attacks"][attack]
+            cells.append(f"{row['bit_acc']:.3f} | {row['tpr']:.3f} | {row['fpr_base']:.3f}")
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    lines += ["", "| decoder | PSNR (dB) vs original | SSIM | tuned/frozen layers | false positives on clean | "
+                  "clean bit acc | clean per-bit P(1) range | max |bit corr| |", "|---|---|---|---|---|---|---|---|"]
+    for f, n in zip(folders, names):
+        e = results["per_folder"][f]
+        lines.append(f"| {n} | {e['psnr']:.2f} | {e['ssim']:.4f} | {e.get('tuned_layers')}/{e.get('frozen_layers')} | "
+                     f"{e['clean_false_positives']}/{results['num_clean']} | {e['clean_bit_acc_mean']:.3f} | "
+                     f"{e['clean_bit_mean_range'][0]:.2f}-{e['clean_bit_mean_range'][1]:.2f} | "
+                     f"{e['clean_max_abs_bit_corr']:.2f} |")
+    t = results["timing_s_per_image"]
+    lines += ["", "| generation | s/image | vs base |", "|---|---|---|"]
+    for name, value in t.items():
+        lines.append(f"| {name} | {value:.4f} | {value / t['base']:.3f}x |")
+    video = results.get("video")
+    if video:
+        lines += ["", f"Video ({video['clips']} moving-shape clips x {video['frames']} frames, {Path(video['folder']).name}): "
+                  f"PSNR {video['psnr']:.2f} dB; background flicker on ground-truth static pixels (0-255): "
+                  f"watermarked {video['flicker_watermarked']:.3f} vs original decoder {video['flicker_base']:.3f} "
+                  f"(source clips {video['flicker_source']:.3f})", "",
+                  "| video attack | frame bit acc | video bit acc (majority) | video TPR | base video FPR |", "|---|---|---|---|---|"]
+        for name, row in video["attacks"].items():
+            lines.append(f"| {name} | {row['frame_bit_acc']:.3f} | {row['video_bit_acc']:.3f} | {row['video_tpr']:.3f} | "
+                         f"{row['video_fpr_base']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
