@@ -276,3 +276,12 @@ def test_bad_input_is_refused_and_changes_nothing():
             MoSAConfig(**bad)
     vistune.detach(model)
     assert all_hooks(model) == 0
+
+
+def test_a_trained_head_keeps_its_flag_after_merging():
+    model = tiny_vit()
+    vistune.attach(model, MoSAConfig(bottleneck=4))
+    model.head.requires_grad_(True)
+    merged = merge_mosa(model)
+    assert model.head.weight.requires_grad and not model.blocks[0].mlp.fc1.weight.requires_grad
+    assert all(p.requires_grad for p in merged.parameters())

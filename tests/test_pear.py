@@ -184,3 +184,14 @@ def test_other_bad_input():
             PearConfig(shared=shared)
     with pytest.raises(vistune.TunerError, match="style 'adaptformer' has only"):
         PearConfig(shared={"attn.1": "attn.0"})
+
+
+def test_a_trained_head_keeps_training_after_pruning():
+    """VTAB-style tuning trains the task head with the adapters; pruning mid-training must not freeze it."""
+    model, _ = tuned_vit()
+    model.head.requires_grad_(True)
+    prune_and_share(model, 0.5, importance=SCORES)
+    assert model.head.weight.requires_grad and model.head.bias.requires_grad
+    assert not model.blocks[0].attn.qkv.weight.requires_grad
+    vistune.detach(model)  # the flags from before the first attach come back
+    assert all(p.requires_grad for p in model.parameters())

@@ -157,18 +157,22 @@ def add_tuner(model: nn.Module, tuner: Tuner, name: str, *, trainable: bool = Tr
 
 def replace_tuner(model: nn.Module, name: str, new: Tuner) -> Tuner:
     """Swap the tuner attached as ``name`` for ``new`` (e.g. experts merged into one adapter), keeping its
-    run-time scale, trainability and train/eval mode. If attaching ``new`` fails, the old tuner comes back."""
+    run-time scale, trainability and train/eval mode, and every backbone ``requires_grad`` flag as it was (a task
+    head trained alongside keeps training). If attaching ``new`` fails, the old tuner comes back."""
     model = unwrap(model)
     old = get_tuner(model, name)
     new.scale = old.scale
     trainable = any(p.requires_grad for p in old.parameters())
     training = old.training
+    flags = {n: p.requires_grad for n, p in _backbone_parameters(model).items()}
     detach(model, name)
     try:
         add_tuner(model, new, name, trainable=trainable)
     except BaseException:
         add_tuner(model, old, name, trainable=trainable)
         raise
+    finally:
+        _restore_backbone_grad(model, flags)
     new.train(training)
     return new
 

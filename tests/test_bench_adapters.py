@@ -1,0 +1,127 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from vistune.bench import adapters as bench
+
+from .conftest import load_script
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_schedule_and_batches():
+    lrs = [bench.lr_at(s, 20, 1.0) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # 2 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.01
+    batches = bench.batch_schedule(10, 7, 4, seed=3)
+    assert len(batches) == 7 and all(len(b) == 4 for b in batches)
+    assert sorted(torch.cat(batches[:2]).tolist() + batches[2][:2].tolist()) == list(range(10))  # an epoch each
+    assert all(torch.equal(a, b) for a, b in zip(batches, bench.batch_schedule(10, 7, 4, seed=3)))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, bench.batch_schedule(10, 7, 4, seed=4)))
+
+
+@pytest.mark.slow
+def test_quick_run_table_and_what_it_measures(tmp_path):
+    """The --quick suite end to end through the script: every method has a row, the files are written, and the
+    measured numbers relate as they must (Pear stores less with a higher ratio, merged MoSA stores exactly the
+    adapter's bytes, full fine-tuning trains every weight)."""
+    load_script("bench_adapters").main(["--quick", "--tasks", "color", "--steps", "6", "--output-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "adapters_quick.json").read_text())
+    table = (tmp_path / "adapters_quick.md").read_text()
+    summary = {s["method"]: s for s in data["summary"]}
+    assert list(summary) == ["linear", "full", "lora", "adapter", "pear-0.5", "pear-0.75", "mosa"]
+    assert "| method | color (natu) | mean acc" in table and "Targets (issue 8)" in table
+    assert all(f"| {m} |" in table for m in summary)
+    assert {r["task"] for r in data["rows"]} == {"color"} and data["meta"]["task_info"][0]["train_size"] == 96
+    for row in data["rows"]:
+        assert 0 <= row["accuracy"] <= 1 and row["step_seconds"] > 0 and row["inference_ms_per_image"] > 0
+    vit_params = sum(p.numel() for p in bench.load_model(None).parameters()) - 24 * 129  # the 24-class head goes
+    head = 128 * 6 + 6
+    assert summary["linear"]["trainable_params"] == head
+    assert summary["full"]["trainable_params"] == vit_params + head
+    adapter = 8 * (2 * 128 + (128 * 16 + 16) + (16 * 128 + 128))  # LayerNorm, Down, Up per block
+    assert summary["adapter"]["trainable_params"] == adapter + head
+    assert summary["pear-0.5"]["trainable_params"] == adapter // 2 + head  # the head keeps training after pruning
+    stored = {m: s["stored_bytes"] for m, s in summary.items()}
+    assert stored["pear-0.75"] < stored["pear-0.5"] <= 0.55 * stored["adapter"] < stored["lora"] < stored["full"]
+    assert stored["mosa"] == stored["adapter"]
+    assert data["meta"]["targets"]["pear50_bytes_ok"] is True
+    assert data["meta"]["targets"]["mosa_stored_equals_adapter"] is True
+
+
+def test_linear_probe_beats_chance_on_an_easy_task(tmp_path):
+    """The frozen tiny ViT knows colours: a linear probe on its features must be far above chance (1/6)."""
+    out = bench.run(tasks=["color"], seeds=[0], steps=40, batch_size=32, methods=["linear"], train_size=160,
+                    val_size=16, test_size=96, output_dir=str(tmp_path), log=lambda s: None)
+    (row,) = out["rows"]
+    assert row["accuracy"] > 0.6, row
+    chance = bench.run(tasks=["color"], seeds=[0], steps=1, batch_size=2, methods=["linear"], train_size=160,
+                       val_size=16, test_size=96, lrs={"linear": 1e-9}, output_dir=str(tmp_path), log=lambda s: None)
+    assert chance["rows"][0]["accuracy"] < 0.3  # an untrained (zero) head predicts one class
+
+
+def test_user_imagefolder_task_runs_in_the_same_protocol(tmp_path):
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(["dark", "light"]):
+        (tmp_path / "task" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.full((64, 64, 3), 60 + 120 * k, np.uint8) + rng.integers(0, 30, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "task" / name / f"{i}.png")
+    args = ["--imagefolder", str(tmp_path / "task"), "--methods", "linear", "adapter", "--seeds", "0", "--steps", "3",
+            "--batch-size", "4", "--output-dir", str(tmp_path / "out")]
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    parsed = parser.parse_args(args)
+    kwargs = dict(tasks=[], imagefolders=parsed.imagefolder, seeds=parsed.seeds, steps=parsed.steps,
+                  batch_size=parsed.batch_size, methods=parsed.methods, train_size=12, val_size=2,
+                  output_dir=parsed.output_dir, log=lambda s: None)
+    out = bench.run(**kwargs)
+    assert [r["method"] for r in out["rows"]] == ["linear", "adapter"]
+    assert out["meta"]["task_info"] == [{"name": "task", "kind": "natural", "num_classes": 2, "train_size": 12,
+                                         "val_size": 2, "test_size": 6}]
+    assert (tmp_path / "out" / "adapters.md").exists()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        bench.run(tasks=["color"], methods=["prompt"], output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no tasks"):
+        bench.run(tasks=[], output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="pear_warmup"):
+        bench.run(tasks=["color"], pear_warmup=1.0, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown cost methods"):
+        bench.run_cost(methods=["hst"], output_dir=str(tmp_path))
+    assert bench._parse_lrs(["adapter=0.03", "full=1e-3"]) == {"adapter": 0.03, "full": 1e-3}
+    with pytest.raises(ValueError, match="unknown method"):
+        bench._parse_lrs(["vpt=0.1"])
+    with pytest.raises(ValueError, match="METHOD=LR"):
+        bench._parse_lrs(["adapter"])
+
+
+def test_cost_cases_run_each_method(monkeypatch):
+    """The ViT-B/16 cost case, on a small ViT of the same family so the test stays fast."""
+    def small_vit(device):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=224, patch_size=32, embed_dim=32,
+                                 depth=4, num_heads=2, num_classes=1000).to(device)
+
+    monkeypatch.setattr(bench, "_build_vit_b16", small_vit)
+    rows = {m: bench.run_cost_case({"method": m, "batch_size": 2, "steps": 1, "warmup": 0, "bottleneck": 4})
+            for m in bench.COST_METHODS}
+    params = {m: r["trainable_params"] for m, r in rows.items()}
+    head = 32 * 1000 + 1000
+    adapter = 4 * (2 * 32 + (32 * 4 + 4) + (4 * 32 + 32))
+    assert params["adapter"] == adapter + head and params["pear"] == adapter // 2 + head
+    assert params["mosa"] == params["mosa_kl"] > params["adapter"] and params["full"] > params["mosa"]
+    assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] >= 0 for r in rows.values())
