@@ -296,10 +296,14 @@ def denoising_loss(
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator | None = None,
+    controlnet: nn.Module | None = None,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE between the U-Net's prediction and :func:`prediction_target` at uniform random timesteps.
 
     Noise and timesteps come from ``generator`` (on the CPU, then moved), so they do not depend on the device.
+    With a diffusers ``controlnet``, its residuals for the control image ``controlnet_cond`` (B x 3 x H x W in
+    [0, 1], as diffusers' ControlNet script) are added to the U-Net, as ``StableDiffusionControlNetPipeline`` does.
     """
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -307,5 +311,72 @@ def denoising_loss(
                               generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    extra: dict[str, Any] = {}
+    if controlnet is not None:
+        if controlnet_cond is None:
+            raise ValueError("a controlnet needs its control image (controlnet_cond)")
+        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
+                               controlnet_cond=controlnet_cond.to(device=device, dtype=noisy.dtype), return_dict=False)
+        extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, **extra).sample
     return F.mse_loss(prediction.float(), target.float())
+
+
+# ----------------------------------------------------------------------------------------------- control images
+
+
+class ConditionedDataset(torch.utils.data.Dataset):
+    """Items of ``dataset`` with ``"control"``: the ``condition`` map (3 x H x W float in [0, 1]) of the image.
+
+    On the shapes world (a dataset with ``scene(i)``) the maps come from the exact ground truth where it exists:
+    ``canny`` is the scene's instance boundaries (one pixel thin), ``segmentation`` the colour-coded class mask;
+    the other conditions (soft_edge, color, grayscale, lineart) are the extractor on the clean rendered image.
+    Elsewhere (image folders) every map is the extractor of :mod:`vistune.conditions` on the image.
+    """
+
+    def __init__(self, dataset: Any, condition: str) -> None:
+        from .conditions import get_condition
+
+        self.dataset, self.condition = dataset, condition
+        self.extract = get_condition(condition)  # unknown name: an error listing the known ones
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def control(self, index: int, item: Mapping[str, Any]) -> torch.Tensor:
+        from .conditions import segmentation_from_mask
+
+        scene = getattr(self.dataset, "scene", None)
+        if scene is not None and self.condition in ("canny", "segmentation"):
+            s = scene(index)
+            if self.condition == "canny":
+                return torch.from_numpy(s.edges).float()[None].expand(3, -1, -1).contiguous()
+            return segmentation_from_mask(s.mask)[0]
+        return self.extract(item["pixel_values"])[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        item["control"] = self.control(index, item)
+        return item
+
+
+def make_control_batch(dataset: ConditionedDataset, indices: Iterable[int], generator: torch.Generator | None = None,
+                       random_flip: bool = False) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Like :func:`make_batch`, plus the control maps (flipped with their images)."""
+    items = [dataset[i] for i in indices]
+    pixels = torch.stack([item["pixel_values"] for item in items]) * 2 - 1
+    control = torch.stack([item["control"] for item in items])
+    if random_flip:
+        flip = (torch.rand(len(items), generator=generator) < 0.5)[:, None, None, None]
+        pixels = torch.where(flip, pixels.flip(-1), pixels)
+        control = torch.where(flip, control.flip(-1), control)
+    return pixels, [item["caption"] for item in items], control
+
+
+def controlnet_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """ControlNet's conditioning-embedding widths for a VAE factor: diffusers' (16, 32, 96, 256) downsamples by
+    8 (one stride-2 conv between widths); smaller factors keep the first ``log2(factor) + 1`` widths."""
+    widths = (16, 32, 96, 256)
+    if vae_scale_factor not in (1, 2, 4, 8):
+        raise ValueError(f"VAE factor {vae_scale_factor}: expected 1, 2, 4 or 8")
+    return widths[: vae_scale_factor.bit_length()]

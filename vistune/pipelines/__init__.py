@@ -3,3 +3,7 @@
 Each pipeline lives in its own module and is re-exported here; the folders under the repository's ``pipelines/``
 are thin ``custom_pipeline=`` entry points that import these classes.
 """
+
+from .csc_control import CSCControlModel, ControlInputError, StableDiffusionCSCControlPipeline
+
+__all__ = ["CSCControlModel", "ControlInputError", "StableDiffusionCSCControlPipeline"]

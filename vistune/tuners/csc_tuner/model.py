@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -83,9 +83,14 @@ class CSCTuner(Tuner):
 
     config_class = CSCTunerConfig
 
-    def __init__(self, config: CSCTunerConfig, unet: nn.Module):
+    def __init__(self, config: CSCTunerConfig, unet: "nn.Module | Sequence[UNetSkip]"):
         super().__init__(config)
-        skips = find_unet_skips(unet)
+        # A tuner may be sized from the skips alone (a pipeline component loaded without its U-Net); the U-Net it
+        # is installed on must then have exactly these skips.
+        skips = sorted(unet, key=lambda s: s.decoder_index) if not isinstance(unet, nn.Module) else find_unet_skips(unet)
+        if not skips or not all(isinstance(s, UNetSkip) for s in skips):
+            raise TunerError("CSCTuner needs a diffusers U-Net or a non-empty list of its UNetSkip records")
+        self.unet_skips: tuple[UNetSkip, ...] = tuple(skips)
         encoder_order = sorted(skips, key=lambda s: s.encoder_index)
         self.condition_encoder = ConditionEncoder(config)
         self.feature_convs = SkipFeatureConvs(
@@ -105,6 +110,14 @@ class CSCTuner(Tuner):
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def install(self, unet: nn.Module) -> None:
+        actual = tuple(find_unet_skips(unet))
+        if actual != self.unet_skips:
+            mine = [(s.channels, s.downsample) for s in self.unet_skips]
+            theirs = [(s.channels, s.downsample) for s in actual]
+            raise BackboneMismatchError(
+                f"CSC-Tuner {self.name!r} was built for a U-Net with {len(mine)} skips (channels, downsampled) "
+                f"{mine} but this {type(unet).__name__} has {len(theirs)}: {theirs}"
+            )
         unet.register_forward_pre_hook(_ComputeFeatures(self), with_kwargs=True)
         unet.register_forward_hook(_ReleaseFeatures(self), always_call=True)
         try:

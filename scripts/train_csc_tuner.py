@@ -1,0 +1,390 @@
+#!/usr/bin/env python
+"""Train a CSC-Tuner (SCEdit controllable generation) on a frozen Stable Diffusion U-Net, or diffusers'
+ControlNet (``ControlNetModel.from_unet``) with the same loop for comparison.
+
+Runs under ``accelerate launch`` (any number of processes) or plain ``python``; nothing is downloaded.
+
+    python scripts/train_csc_tuner.py --pretrained_model_name_or_path assets/tiny-sd --shapes_domain plain \
+        --condition canny --resolution 32 --output_dir out/csc-canny
+
+Conventions are those of ``scripts/train_sc_tuner.py`` (diffusers' training-example flags, ``checkpoint-N``
+folders holding only the trained weights + optimizer, pruned to ``--checkpoints_total_limit``, exact
+``--resume_from_checkpoint``, tqdm with loss / lr, validation images). ``--condition`` picks the control map
+(:data:`vistune.conditions.CONDITIONS`): on the shapes world (``--shapes_domain``) canny and segmentation come from
+the exact ground truth, the others from the extractor on the clean image; on an image folder (``--train_data_dir``)
+from the extractor. The VAE factor is read from the VAE.
+
+Output: ``--method csc`` writes a vistune tuner folder (``vistune.load_tuners(unet, out)`` /
+``CSCControlModel.from_tuners(unet, [out])``); ``--method controlnet`` writes ``controlnet/``
+(``ControlNetModel.from_pretrained(out, subfolder="controlnet")``). Validation images (with the control map
+beside them) go to ``output_dir/validation`` and the tracker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+import vistune
+from vistune.conditions import CONDITIONS, vae_scale_factor
+from vistune.data import STYLES, ShapesDataset
+from vistune.data.imagefolder import CaptionedImageFolder
+from vistune.sd_training import (
+    ConditionedDataset,
+    TrainableState,
+    batch_indices,
+    check_sd_folder,
+    controlnet_embedding_channels,
+    denoising_loss,
+    encode_images,
+    encode_prompts,
+    load_sd_components,
+    make_control_batch,
+    publish,
+    step_generator,
+)
+from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
+
+METHODS = ("csc", "controlnet")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="a local diffusers Stable Diffusion folder")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--train_data_dir", help="images + metadata.jsonl (file_name, text), the imagefolder layout")
+    data.add_argument("--shapes_domain", choices=STYLES, help="train on shapes-world scenes rendered in this style")
+    p.add_argument("--num_train_images", type=int, default=1000, help="scenes for --shapes_domain")
+    p.add_argument("--image_column", default="file_name")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--missing_captions", default="empty", choices=["empty", "skip", "error"])
+    p.add_argument("--condition", default="canny", choices=sorted(CONDITIONS), help="the control map to learn")
+    p.add_argument("--method", default="csc", choices=METHODS)
+    p.add_argument("--csc_config", help="a CSC-Tuner preset JSON (e.g. tuners/sd15_csc_canny.json); flags below override")
+    p.add_argument("--condition_channels", type=int, help="CSC encoder output width (official 256)")
+    p.add_argument("--encoder_width_ratio", type=float, help="CSC encoder width ratio (official 1.0)")
+    p.add_argument("--dense_kernel_size", type=int, choices=[1, 3], help="CSC per-skip conv kernel (official 3)")
+    p.add_argument("--down_ratio", type=float, help="CSC skip-MLP width ratio (official 1.0)")
+    p.add_argument("--tuner_name", help="name saved with the CSC-Tuner (default: the condition)")
+    p.add_argument("--conditioning_dropout", type=float, default=0.0,
+                   help="probability of training an example with the empty caption (helps control from the image)")
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the model's scheduler")
+    p.add_argument("--output_dir", default="csc-tuner-output")
+    p.add_argument("--seed", type=int, help="default: random (recorded in checkpoints, reused on resume)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    p.add_argument("--max_train_steps", type=int, default=2000)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
+    p.add_argument("--resume_from_checkpoint", help='"latest" (newest in --output_dir, if any) or a checkpoint path')
+    p.add_argument("--validation_prompt", help="generate with this prompt and the first training image's control map")
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--validation_inference_steps", type=int, default=30)
+    p.add_argument("--report_to", choices=["tensorboard", "none"],
+                   default="tensorboard" if importlib.util.find_spec("tensorboard") else "none")
+    p.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    args = p.parse_args(argv)
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "validation_steps", "num_train_images", "resolution"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if not 0.0 <= args.conditioning_dropout < 1.0:
+        p.error("--conditioning_dropout must be in [0, 1)")
+    if args.method == "controlnet" and any(getattr(args, n) is not None for n in
+                                           ("csc_config", "condition_channels", "encoder_width_ratio",
+                                            "dense_kernel_size", "down_ratio")):
+        p.error("CSC-Tuner options (--csc_config, --condition_channels, ...) need --method csc")
+    if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        p.error("--report_to tensorboard needs tensorboard (pip install tensorboard), or pass --report_to none")
+    args.tuner_name = args.tuner_name or args.condition
+    return args
+
+
+def csc_config(args, factor: int) -> vistune.CSCTunerConfig:
+    """The CSC-Tuner config: the preset (or the official defaults), the flags, this condition and VAE factor."""
+    data = {}
+    if args.csc_config:
+        path = Path(args.csc_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--csc_config {path}: no such file")
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"--csc_config {path} must hold a JSON object")
+    for name in ("condition_channels", "encoder_width_ratio", "dense_kernel_size", "down_ratio"):
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    data.update(tuner_type="csc_tuner", condition=args.condition, vae_scale_factor=factor)
+    return vistune.CSCTunerConfig.from_dict(data)
+
+
+def build_dataset(args) -> ConditionedDataset:
+    if args.shapes_domain:
+        base = ShapesDataset(args.num_train_images, seed=args.seed, size=args.resolution, style=args.shapes_domain)
+    else:
+        base = CaptionedImageFolder(args.train_data_dir, args.resolution, image_column=args.image_column,
+                                    caption_column=args.caption_column, missing_captions=args.missing_captions)
+    return ConditionedDataset(base, args.condition)
+
+
+def resolve_resume(args) -> Path | None:
+    """The checkpoint to resume from; an explicit path that is not a checkpoint is an error before any write."""
+    if not args.resume_from_checkpoint:
+        return None
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(args.resume_from_checkpoint)
+    for candidate in (path, output_dir / path):
+        if (candidate / "state.json").is_file():
+            return candidate
+    existing = sorted(p.name for p in output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint {path}: no checkpoint there (a checkpoint-<step> folder with state.json; "
+        f"checkpoints in {output_dir}: {existing or 'none'})"
+    )
+
+
+def add_control(args, unet, factor: int):
+    """The trained module and its parameters: a CSC-Tuner attached to ``unet``, or a ControlNet copy of it."""
+    if args.method == "csc":
+        vistune.attach(unet, csc_config(args, factor), name=args.tuner_name)
+        return None, vistune.trainable_parameters(unet)
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=controlnet_embedding_channels(factor)
+    ).float()
+    controlnet.requires_grad_(True)
+    return controlnet, list(controlnet.parameters())
+
+
+def save_control(args, unet, controlnet, output_dir: Path) -> None:
+    """Write the result atomically: a staging folder, then renames into ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        if controlnet is None:
+            vistune.save_tuners(unet, staging, name=args.tuner_name)
+        else:
+            controlnet.save_pretrained(staging / "controlnet", safe_serialization=True)
+        publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def log_validation(args, components, unet, controlnet, control, accelerator, step: int, tag: str) -> None:
+    """Generate ``--num_validation_images`` with the prompt and ``control``; save them beside the control map."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    call = dict(height=args.resolution, width=args.resolution, num_inference_steps=args.validation_inference_steps,
+                generator=generator, output_type="np")
+    prompts = [args.validation_prompt] * args.num_validation_images
+    with torch.no_grad(), accelerator.autocast():
+        if controlnet is None:
+            pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet, **common)
+            pipe.set_progress_bar_config(disable=True)
+            vistune.set_control(unet, control, name=args.tuner_name)
+            try:
+                images = pipe(prompts, **call).images
+            finally:
+                vistune.set_control(unet, None, name=args.tuner_name)
+        else:
+            was = controlnet.training
+            controlnet.eval()
+            pipe = StableDiffusionControlNetPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, unet=unet, controlnet=controlnet, **common)
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(prompts, image=control, **call).images
+            controlnet.train(was)
+    unet.train(was_training)
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    control_np = control[0].permute(1, 2, 0).cpu().numpy()
+    for i, image in enumerate(images):
+        row = np.concatenate([control_np, image], axis=1)
+        Image.fromarray((np.clip(row, 0, 1) * 255).round().astype(np.uint8)).save(folder / f"{tag}-{i}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(images), step, dataformats="NHWC")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Every input is checked before anything is written.
+    check_sd_folder(args.pretrained_model_name_or_path)
+    resume = resolve_resume(args)
+    if resume is not None:
+        saved = json.loads((resume / "state.json").read_text())["extra"]
+        for key in ("method", "condition"):
+            if saved.get(key) != getattr(args, key):
+                raise ValueError(f"{resume} was written with --{key} {saved.get(key)}, not --{key} {getattr(args, key)}")
+        args.seed = saved["seed"]  # the data order and noise are functions of it
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**31)
+    dataset = build_dataset(args)
+    if len(dataset) < 1:
+        raise ValueError("the training set is empty")
+    if args.method == "csc":
+        csc_config(args, 8)  # a bad preset fails here, before any write
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    components = load_sd_components(args.pretrained_model_name_or_path, args.prediction_type)
+    tokenizer, noise_scheduler = components.tokenizer, components.noise_scheduler
+    factor = vae_scale_factor(components.vae)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {factor}")
+    text_encoder = components.text_encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    vae = components.vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    unet = components.unet.requires_grad_(False).to(dtype=weight_dtype)  # frozen backbone in the compute dtype
+    set_seed(args.seed)  # the new weights are drawn from the global RNG
+    controlnet, params = add_control(args, unet, factor)
+    trained_module = unet if controlnet is None else controlnet
+    if args.gradient_checkpointing:
+        trained_module.enable_gradient_checkpointing()
+    unet.to(accelerator.device).train()
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    if controlnet is None:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        trained = TrainableState(accelerator.unwrap_model(unet))
+    else:
+        controlnet, optimizer = accelerator.prepare(controlnet.to(accelerator.device).train(), optimizer)
+        trained = TrainableState(accelerator.unwrap_model(controlnet))
+        trained_module = controlnet
+
+    first_step = 0
+    if resume is not None:
+        state = load_checkpoint(resume, {"trainable": trained}, optimizer)
+        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
+        first_step = state["step"]
+        accelerator.print(f"resumed from {resume} at step {first_step}")
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers("train_csc_tuner", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                             for k, v in vars(args).items()})
+    accelerator.print(f"{len(dataset)} training images, condition {args.condition}; "
+                      f"{sum(p.numel() for p in params):,d} trainable parameters ({args.method}); "
+                      f"{args.max_train_steps} steps of {args.train_batch_size} x {accelerator.num_processes} "
+                      f"processes x {args.gradient_accumulation_steps} accumulation")
+    validation_control = dataset[0]["control"][None].to(accelerator.device)
+
+    per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
+                    desc="Steps", disable=not accelerator.is_local_main_process)
+    for step in progress:
+        step_loss = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            generator = step_generator(args.seed, step, micro, accelerator.process_index)
+            start = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * args.train_batch_size
+            pixels, captions, control = make_control_batch(
+                dataset, batch_indices(args.seed, start, args.train_batch_size, len(dataset)), generator, args.random_flip)
+            if args.conditioning_dropout > 0:
+                drop = torch.rand(len(captions), generator=generator) < args.conditioning_dropout
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            control = control.to(accelerator.device)
+            with accelerator.accumulate(trained_module):
+                with torch.no_grad():
+                    latents = encode_images(vae, pixels, generator)
+                    context = encode_prompts(tokenizer, text_encoder, captions)
+                if controlnet is None:
+                    vistune.set_control(unet, control, name=args.tuner_name)
+                    loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator)
+                else:
+                    loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
+                                          controlnet=controlnet, controlnet_cond=control)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
+        lr_scheduler.step()
+        global_step = step + 1
+        lr = lr_scheduler.get_last_lr()[0]
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {global_step}; lower --learning_rate?")
+
+        if accelerator.is_main_process:
+            if global_step % args.checkpointing_steps == 0:
+                extra = {"seed": args.seed, "method": args.method, "condition": args.condition,
+                         "lr_scheduler": lr_scheduler.state_dict()}
+                path = save_checkpoint(output_dir, global_step, {"trainable": trained}, optimizer, extra=extra,
+                                       total_limit=args.checkpoints_total_limit)
+                accelerator.print(f"\nsaved {path}")
+            if args.validation_prompt and global_step % args.validation_steps == 0:
+                log_validation(args, components, accelerator.unwrap_model(unet),
+                               None if controlnet is None else accelerator.unwrap_model(controlnet),
+                               validation_control, accelerator, global_step, f"step-{global_step:06d}")
+
+    accelerator.wait_for_everyone()
+    if controlnet is None:
+        vistune.set_control(accelerator.unwrap_model(unet), None, name=args.tuner_name)
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        final_controlnet = None if controlnet is None else accelerator.unwrap_model(controlnet)
+        save_control(args, final_unet, final_controlnet, output_dir)
+        accelerator.print(f"saved the {args.method} result ({args.condition}) to {output_dir}")
+        if args.validation_prompt:
+            log_validation(args, components, final_unet, final_controlnet, validation_control, accelerator,
+                           args.max_train_steps, "final")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
