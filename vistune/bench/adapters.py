@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runner import PeakMemory, environment, run_case, synchronize, write_results
+from .runner import environment, measure_training, run_case, suite_main, write_results
 
 METHODS = ("linear", "full", "lora", "adapter", "mosa", "pear", "mosa_hier")
 DEFAULT_METHODS = METHODS[:6]  # mosa_hier (depth-dependent expert counts, 2 -> 4) on request
@@ -488,24 +488,15 @@ def run_cost_case(case: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 224, 224, generator=generator).to(device)
     y = torch.randint(0, 1000, (batch,), generator=generator).to(device)
-    times, memory = [], PeakMemory(device)
-    with memory.track():
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        for step in range(case["warmup"] + case["steps"]):
-            synchronize(device)
-            started = time.perf_counter()
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if method == "mosa_kl":
-                loss = loss + mosa_consistency_loss(logits, model(x))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            synchronize(device)
-            if step >= case["warmup"]:
-                times.append(time.perf_counter() - started)
-    return {**case, "device": str(device), "trainable_params": sum(p.numel() for p in params),
-            "peak_memory_mb": memory.peak / 2**20, "step_seconds": statistics.median(times)}
+
+    def loss() -> torch.Tensor:
+        logits = model(x)
+        value = F.cross_entropy(logits.float(), y)
+        if method == "mosa_kl":
+            value = value + mosa_consistency_loss(logits, model(x))
+        return value
+
+    return {**case, **measure_training(lambda: (params, loss), device, case["warmup"], case["steps"])}
 
 
 def cost_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -616,15 +607,7 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one cost case in this process
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_cost_case(json.loads(args.case))))
-        return 0
-    run_from_args(args)
-    return 0
+    return suite_main(argv, __doc__, add_arguments, run_cost_case, run_from_args)
 
 
 if __name__ == "__main__":

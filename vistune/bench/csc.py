@@ -15,14 +15,11 @@ used when present (bf16 autocast for every method alike); on CPU the latent is s
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from typing import Any
 
 import torch
 
-from .runner import PeakMemory, environment, run_case, synchronize, write_results
+from .runner import environment, measure_training, run_case, suite_main, write_results
 from .sc import CONFIGS, _build_unet
 
 METHODS = ("controlnet", "csc", "csc_1x1")
@@ -72,31 +69,12 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     timestep = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     image = torch.rand(batch, 3, 8 * latent, 8 * latent, generator=generator).to(device)
     target = torch.randn(sample.shape, generator=generator).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    times = []
-    memory = PeakMemory(device)
-    with memory.track():
+
+    def setup():  # inside the memory tracking: each method's own weights count
         params, forward = _setup(case["method"], unet, image)
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        for step in range(case["warmup"] + case["steps"]):
-            synchronize(device)
-            started = time.perf_counter()
-            with autocast:
-                out = forward(sample, timestep, context)
-            loss = torch.nn.functional.mse_loss(out.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            synchronize(device)
-            if step >= case["warmup"]:
-                times.append(time.perf_counter() - started)
-    return {
-        **case,
-        "device": str(device),
-        "trainable_params": sum(p.numel() for p in params),
-        "peak_memory_mb": memory.peak / 2**20,
-        "step_seconds": statistics.median(times),
-    }
+        return params, lambda: torch.nn.functional.mse_loss(forward(sample, timestep, context).float(), target)
+
+    return {**case, **measure_training(setup, device, case["warmup"], case["steps"])}
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,15 +166,7 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_one(json.loads(args.case))))
-        return 0
-    run_from_args(args)
-    return 0
+    return suite_main(argv, __doc__, add_arguments, run_one, run_from_args)
 
 
 if __name__ == "__main__":

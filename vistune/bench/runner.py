@@ -7,15 +7,17 @@ few milliseconds by a thread) above the resting model.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -72,6 +74,62 @@ class PeakMemory:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (every method alike), plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def measure_training(
+    setup: Callable[[], tuple[list[torch.nn.Parameter], Callable[[], torch.Tensor]]],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+) -> dict[str, Any]:
+    """Peak memory and median optimizer-step time (forward + backward + AdamW step) of one method.
+
+    ``setup()`` runs inside the memory tracking (so what it allocates counts) and returns the parameters to
+    optimise and a function computing the loss of one batch (run under :func:`autocast_for`).
+    """
+    times: list[float] = []
+    memory = PeakMemory(device)
+    with memory.track():
+        params, loss_fn = setup()
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        for step in range(warmup + steps):
+            synchronize(device)
+            started = time.perf_counter()
+            with autocast_for(device):
+                loss = loss_fn()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            synchronize(device)
+            if step >= warmup:
+                times.append(time.perf_counter() - started)
+    return {"device": str(device), "trainable_params": sum(p.numel() for p in params),
+            "peak_memory_mb": memory.peak / 2**20, "step_seconds": statistics.median(times)}
+
+
+def suite_main(
+    argv: Sequence[str] | None,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run_case_here: Callable[[dict[str, Any]], dict[str, Any]],
+    run_from_args: Callable[[argparse.Namespace], None],
+) -> int:
+    """The command line of a suite module: the whole suite, or (``--case JSON``, used by :func:`run_case`) one
+    case measured in this process, its result printed as JSON."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case_here(json.loads(args.case))))
+    else:
+        run_from_args(args)
+    return 0
 
 
 def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], table: str, output_dir: str | Path, name: str) -> Path:

@@ -12,15 +12,12 @@ for every method alike); on CPU the latent is smaller (default 32x32) so the run
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from typing import Any
 
 import torch
 
 from ..testing import SD15_UNET_CONFIG, TINY_UNET_CONFIG
-from .runner import PeakMemory, environment, run_case, synchronize, write_results
+from .runner import environment, measure_training, run_case, suite_main, write_results
 
 METHODS = ("full", "lora", "sc")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -60,7 +57,7 @@ def _setup(method: str, unet) -> list[torch.nn.Parameter]:
 
 
 def run_one(case: dict[str, Any]) -> dict[str, Any]:
-    """Measure one (method, batch size) in this process."""
+    """Measure one (method, batch size) in this process (the method is set up before memory tracking starts)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     unet = _build_unet(case["config"], device).train()
@@ -70,30 +67,11 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     context = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
     timestep = torch.randint(0, 1000, (batch,), device=device)
     target = torch.randn_like(sample)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    times = []
-    memory = PeakMemory(device)
-    with memory.track():
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        for step in range(case["warmup"] + case["steps"]):
-            synchronize(device)
-            started = time.perf_counter()
-            with autocast:
-                out = unet(sample, timestep, encoder_hidden_states=context).sample
-            loss = torch.nn.functional.mse_loss(out.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            synchronize(device)
-            if step >= case["warmup"]:
-                times.append(time.perf_counter() - started)
-    return {
-        **case,
-        "device": str(device),
-        "trainable_params": sum(p.numel() for p in params),
-        "peak_memory_mb": memory.peak / 2**20,
-        "step_seconds": statistics.median(times),
-    }
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.mse_loss(unet(sample, timestep, encoder_hidden_states=context).sample.float(), target)
+
+    return {**case, **measure_training(lambda: (params, loss), device, case["warmup"], case["steps"])}
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,15 +139,7 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_one(json.loads(args.case))))
-        return 0
-    run_from_args(args)
-    return 0
+    return suite_main(argv, __doc__, add_arguments, run_one, run_from_args)
 
 
 if __name__ == "__main__":

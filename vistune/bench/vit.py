@@ -15,14 +15,11 @@ autocast for every method alike).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from typing import Any
 
 import torch
 
-from .runner import PeakMemory, environment, run_case, synchronize, write_results
+from .runner import environment, measure_training, run_case, suite_main, write_results
 
 METHODS = ("full", "linear", "lora", "hst", "hst_nograd")
 ARCHITECTURES = {"vit_b16": "vit_base_patch16_224", "vit_tiny": "vit_tiny_patch16_224"}
@@ -61,30 +58,11 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
     labels = torch.randint(0, case["num_classes"], (batch,), generator=generator).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    times = []
-    memory = PeakMemory(device)
-    with memory.track():
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        for step in range(case["warmup"] + case["steps"]):
-            synchronize(device)
-            started = time.perf_counter()
-            with autocast:
-                logits = model(images)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            synchronize(device)
-            if step >= case["warmup"]:
-                times.append(time.perf_counter() - started)
-    return {
-        **case,
-        "device": str(device),
-        "trainable_params": sum(p.numel() for p in params),
-        "peak_memory_mb": memory.peak / 2**20,
-        "step_seconds": statistics.median(times),
-    }
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(images).float(), labels)
+
+    return {**case, **measure_training(lambda: (params, loss), device, case["warmup"], case["steps"])}
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -166,15 +144,7 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_one(json.loads(args.case))))
-        return 0
-    run_from_args(args)
-    return 0
+    return suite_main(argv, __doc__, add_arguments, run_one, run_from_args)
 
 
 if __name__ == "__main__":
