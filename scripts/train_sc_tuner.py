@@ -41,7 +41,6 @@ function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import random
@@ -58,6 +57,8 @@ from tqdm.auto import tqdm
 from vistune.data import STYLES, ShapesDataset
 from vistune.data.imagefolder import CaptionedImageFolder
 from vistune.sd_training import (
+    add_training_arguments,
+    check_training_arguments,
     LORA_TARGET_MODULES,
     METHODS,
     TrainableState,
@@ -74,7 +75,6 @@ from vistune.sd_training import (
 )
 from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,41 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tuner_name", default="default", help="name saved with the SC-Tuner")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--lora_target_modules", default=",".join(LORA_TARGET_MODULES))
-    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the model's scheduler")
-    p.add_argument("--output_dir", default="sc-tuner-output")
-    p.add_argument("--seed", type=int, help="default: random (recorded in checkpoints, reused on resume)")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--random_flip", action="store_true")
-    p.add_argument("--train_batch_size", type=int, default=1, help="per process")
-    p.add_argument("--max_train_steps", type=int, default=2000)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
-    p.add_argument("--resume_from_checkpoint", help='"latest" (newest in --output_dir, if any) or a checkpoint path')
-    p.add_argument("--validation_prompt")
-    p.add_argument("--validation_steps", type=int, default=100)
-    p.add_argument("--num_validation_images", type=int, default=4)
-    p.add_argument("--validation_inference_steps", type=int, default=30)
-    p.add_argument("--report_to", choices=["tensorboard", "none"],
-                   default="tensorboard" if importlib.util.find_spec("tensorboard") else "none")
-    p.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    add_training_arguments(p, "sc-tuner-output")
     args = p.parse_args(argv)
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "num_train_images", "resolution", "lora_rank"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
-        p.error("--report_to tensorboard needs tensorboard (pip install tensorboard), or pass --report_to none")
+    check_training_arguments(p, args, positive=("num_train_images", "lora_rank"))
     return args
 
 

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -93,6 +95,56 @@ def load_sd_components(path: str | os.PathLike, prediction_type: str | None = No
         unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
         noise_scheduler=noise_scheduler,
     )
+
+
+# ----------------------------------------------------------------------------------------------- flags
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+POSITIVE_FLAGS = ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                  "validation_steps", "resolution")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, output_dir: str, validation_help: str | None = None) -> None:
+    """The flags every Stable Diffusion training script shares, named as in diffusers' example scripts."""
+    p = parser
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], help="default: the model's scheduler")
+    p.add_argument("--output_dir", default=output_dir)
+    p.add_argument("--seed", type=int, help="default: random (recorded in checkpoints, reused on resume)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    p.add_argument("--max_train_steps", type=int, default=2000)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
+    p.add_argument("--resume_from_checkpoint", help='"latest" (newest in --output_dir, if any) or a checkpoint path')
+    p.add_argument("--validation_prompt", help=validation_help)
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--validation_inference_steps", type=int, default=30)
+    p.add_argument("--report_to", choices=["tensorboard", "none"],
+                   default="tensorboard" if importlib.util.find_spec("tensorboard") else "none")
+    p.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+
+
+def check_training_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                             positive: Sequence[str] = ()) -> None:
+    """Exit with a usage error for counts below 1 (the shared ones and ``positive``) or a missing tensorboard."""
+    for name in (*POSITIVE_FLAGS, *positive):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        parser.error("--report_to tensorboard needs tensorboard (pip install tensorboard), or pass --report_to none")
 
 
 # ----------------------------------------------------------------------------------------------- methods
