@@ -6,6 +6,10 @@ The pipeline lives in ``vistune.pipelines.csc_control``; this file only re-expor
 ``DiffusionPipeline`` subclass here that is not defined inside diffusers).
 """
 
+from vistune.pipelines import forget_other_pipelines
+
+forget_other_pipelines(globals())  # what a previously loaded custom_pipeline folder left in this cached module
+
 from vistune.pipelines.csc_control import CSCControlModel, StableDiffusionCSCControlPipeline
 
 __all__ = ["CSCControlModel", "StableDiffusionCSCControlPipeline"]
