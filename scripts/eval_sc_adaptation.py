@@ -94,7 +94,7 @@ def trainable_count(pipe, method: str | None) -> int:
     return sum(p.numel() for p in unet.parameters()) if method == "full" else 0
 
 
-def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None) -> dict:
+def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None) -> tuple[dict, list]:
     images = generate(pipe, PROMPTS, args.seed, args.images_per_prompt)
     row = {"style_statistic": mean_statistic(images, args.style), "caption_fidelity": caption_fidelity(images, prompts)}
     if base_row is not None:

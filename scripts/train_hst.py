@@ -49,7 +49,7 @@ from vistune.core.serialization import atomic_write
 from vistune.data.dense import ClassificationFolder, CocoDetection, SegmentationFolder, ShapesTaskDataset, dense_collate
 from vistune.dense import METHODS, TASKS, build_task_model, create_vit, evaluate_task, save_task_model
 from vistune.dense.heads import DETECTORS
-from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
+from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
 from vistune.tuners.hst import HSTConfig
 
 DEFAULT_LR = {"hst": 1e-2, "linear": 1e-3, "lora": 1e-3, "full": 1e-4}
@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_eval_images", type=int, default=200, help="shapes-world evaluation scenes (0 = none)")
     p.add_argument("--hst_backbone_grad", default="true", choices=["true", "false"],
                    help="false: no meta tokens / LayerNorm tuning, backward never enters the ViT")
+    p.add_argument("--hst_gradient_checkpointing", default="true", choices=["true", "false"],
+                   help="recompute the ViT blocks in backward (about half the memory, about +40%% step time)")
     p.add_argument("--detector", default="fcos", choices=DETECTORS)
     p.add_argument("--fpn_channels", type=int, default=64)
     p.add_argument("--lora_rank", type=int, default=8)
@@ -123,19 +125,6 @@ def build_datasets(args, size: int):
     return train, held_out, list(train.class_names)
 
 
-def resolve_resume(args) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        return latest_checkpoint(output_dir)
-    path = Path(args.resume_from_checkpoint)
-    for candidate in (path, output_dir / path):
-        if (candidate / "state.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"--resume_from_checkpoint {path}: no checkpoint-<step> folder with state.json there")
-
-
 def task_loss(model, task: str, images: torch.Tensor, targets) -> torch.Tensor:
     if task == "classify":
         return F.cross_entropy(model(images), targets)
@@ -160,7 +149,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    resume = resolve_resume(args)
+    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
         saved = json.loads((resume / "state.json").read_text())["extra"]
         if (saved.get("task"), saved.get("method")) != (args.task, args.method):
@@ -176,7 +165,8 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     set_seed(args.seed)  # new modules (tuner, heads, LoRA) are drawn from the global RNG
-    hst_config = HSTConfig(backbone_grad=args.hst_backbone_grad == "true")
+    hst_config = HSTConfig(backbone_grad=args.hst_backbone_grad == "true",
+                           gradient_checkpointing=args.hst_gradient_checkpointing == "true")
     build_kwargs = {"hst_config": hst_config, "detector": args.detector, "fpn_channels": args.fpn_channels,
                     "lora_rank": args.lora_rank}
     model = build_task_model(vit, args.task, args.method, num_classes, **build_kwargs)

@@ -73,7 +73,7 @@ from vistune.sd_training import (
     save_trained,
     step_generator,
 )
-from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
+from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
 
@@ -103,24 +103,6 @@ def build_dataset(args):
         return ShapesDataset(args.num_train_images, seed=args.seed, size=args.resolution, style=args.shapes_domain)
     return CaptionedImageFolder(args.train_data_dir, args.resolution, image_column=args.image_column,
                                 caption_column=args.caption_column, missing_captions=args.missing_captions)
-
-
-def resolve_resume(args) -> Path | None:
-    """The checkpoint to resume from; an explicit path that is not a checkpoint is an error before any write."""
-    if not args.resume_from_checkpoint:
-        return None
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        return latest_checkpoint(output_dir)
-    path = Path(args.resume_from_checkpoint)
-    for candidate in (path, output_dir / path):
-        if (candidate / "state.json").is_file():
-            return candidate
-    existing = sorted(p.name for p in output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
-    raise FileNotFoundError(
-        f"--resume_from_checkpoint {path}: no checkpoint there (a checkpoint-<step> folder with state.json; "
-        f"checkpoints in {output_dir}: {existing or 'none'})"
-    )
 
 
 def log_validation(args, components, unet, accelerator, step: int, tag: str) -> None:
@@ -153,7 +135,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Every input is checked before anything is written.
     check_sd_folder(args.pretrained_model_name_or_path)
-    resume = resolve_resume(args)
+    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
         import json
 

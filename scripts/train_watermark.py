@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from vistune.core.model import get_tuner
 from vistune.core.serialization import atomic_write, save_tuners
 from vistune.sd_training import batch_indices, step_generator
-from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
+from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
 from vistune.tuners.watermark import WatermarkConfig, WatermarkKey, load_extractor, pas_select, pas_sensitivity
 from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack
 from vistune.tuners.watermark.data import decode_latents, encode_latents, shapes_images
@@ -139,11 +139,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     output_dir = Path(args.output_dir)
-    resume = None
-    if args.resume_from_checkpoint:
-        resume = latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
-        if resume is not None and not (resume / "state.json").is_file():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no state.json)")
+    resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     saved = json.loads((resume / "state.json").read_text())["extra"] if resume is not None else {}
     args.seed = saved.get("seed", args.seed)
     if args.seed is None:

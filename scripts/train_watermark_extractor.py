@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from vistune.core.serialization import atomic_write
 from vistune.sd_training import batch_indices, step_generator
-from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
+from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
 from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack, quantize_straight_through
 from vistune.tuners.watermark.data import clean_images
 from vistune.tuners.watermark.hidden import ExtractorConfig, HiddenEncoder, HiddenExtractor, save_extractor, whiten
@@ -95,17 +95,6 @@ def load_vae(path: str | None):
     return AutoencoderKL.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
 
 
-def resolve_resume(args) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        return latest_checkpoint(args.output_dir)
-    path = Path(args.resume_from_checkpoint)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no state.json)")
-    return path
-
-
 def lr_at(args, step: int) -> float:
     """Linear warmup then cosine to 1 % (Stable Signature's scheduler shape)."""
     if step < args.lr_warmup_steps:
@@ -117,7 +106,7 @@ def lr_at(args, step: int) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    resume = resolve_resume(args)
+    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
         args.seed = json.loads((resume / "state.json").read_text())["extra"]["seed"]
     if args.seed is None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vistune import CheckpointError
-from vistune.training import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from vistune.training import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
 def make():
@@ -47,3 +47,16 @@ def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_checkpoint(tmp_path / ".checkpoint-4.tmp", {"model": model})
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_resolve_checkpoint_names_latest_relative_and_absolute_folders(tmp_path):
+    model, optimizer = make()
+    for step in (2, 10):
+        save_checkpoint(tmp_path, step, {"model": model}, optimizer)
+    assert resolve_checkpoint(tmp_path, None) is None
+    assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"  # by step, not by name
+    assert resolve_checkpoint(tmp_path, "checkpoint-2") == tmp_path / "checkpoint-2"
+    assert resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-2")) == tmp_path / "checkpoint-2"
+    assert resolve_checkpoint(tmp_path / "empty", "latest") is None
+    with pytest.raises(FileNotFoundError, match="checkpoint-2, checkpoint-10|'checkpoint-2', 'checkpoint-10'"):
+        resolve_checkpoint(tmp_path, "checkpoint-7")

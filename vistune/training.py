@@ -80,6 +80,27 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
+    """The checkpoint a ``--resume_from_checkpoint`` value names: ``None``/empty for a fresh run, ``"latest"`` for
+    the newest one in ``output_dir`` (``None`` if there is none), else a folder, absolute or inside ``output_dir``.
+
+    A path that is not a checkpoint raises ``FileNotFoundError`` before the run writes anything."""
+    if not spec:
+        return None
+    output_dir = Path(output_dir)
+    if spec == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(spec)
+    for candidate in (path, output_dir / path):
+        if (candidate / "state.json").is_file():
+            return candidate
+    existing = [p.name for p in list_checkpoints(output_dir)]
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint {path}: no checkpoint there (a checkpoint-<step> folder with state.json; "
+        f"checkpoints in {output_dir}: {existing or 'none'})"
+    )
+
+
 def load_checkpoint(
     path: str | Path,
     models: Mapping[str, nn.Module],

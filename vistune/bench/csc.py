@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .runner import environment, measure_training, run_case, suite_main, write_results
+from .runner import environment, measure_training, suite_main, sweep
 from .sc import CONFIGS, _build_unet
 
 METHODS = ("controlnet", "csc", "csc_1x1")
@@ -135,20 +135,10 @@ def run(batch_sizes=(1, 4), steps: int = 2, warmup: int = 1, latent: int | None 
     """Measure every (method, batch size) in its own subprocess; write ``<name>.json`` and ``<name>.md``."""
     cuda = torch.cuda.is_available()
     latent = latent or (64 if cuda else 32)
-    rows = []
-    for batch in batch_sizes:
-        for method in methods:
-            case = {"method": method, "batch_size": batch, "latent": latent, "steps": steps, "warmup": warmup,
-                    "config": config}
-            log(f"measuring {method} at batch {batch} ...")
-            rows.append(run_case("vistune.bench.csc", case))
     meta = {"config": config, "latent": latent, "steps": steps, "warmup": warmup,
             "env": environment(torch.device("cuda" if cuda else "cpu"))}
-    rows = ratios(rows)
-    table = markdown(rows, meta)
-    write_results(rows, meta, table, output_dir, name)
-    log(table)
-    return rows
+    base = {"latent": latent, "steps": steps, "warmup": warmup, "config": config}
+    return sweep("vistune.bench.csc", methods, batch_sizes, base, meta, ratios, markdown, output_dir, name, log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -136,9 +136,38 @@ def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], table: str, 
     """Write ``<name>.json`` (rows + run metadata) and ``<name>.md`` (the table) to ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (output_dir / f"{name}.md").write_text(table + "\n")
+    for path, text in ((output_dir / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2)),
+                       (output_dir / f"{name}.md", table)):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text + "\n")
+        os.replace(partial, path)  # a reader never sees half a table
     return output_dir / f"{name}.json"
+
+
+def sweep(
+    module: str,
+    methods: Sequence[str],
+    batch_sizes: Sequence[int],
+    base_case: dict[str, Any],
+    meta: dict[str, Any],
+    ratios: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+    markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str],
+    output_dir: str | Path,
+    name: str,
+    log: Callable[[str], Any] = print,
+) -> list[dict[str, Any]]:
+    """Measure every (method, batch size) of a suite in a fresh subprocess, add the suite's ratios, write
+    ``<name>.json`` / ``<name>.md`` and log the table; returns the rows."""
+    rows = []
+    for batch in batch_sizes:
+        for method in methods:
+            log(f"measuring {method} at batch {batch} ...")
+            rows.append(run_case(module, {**base_case, "method": method, "batch_size": batch}))
+    rows = ratios(rows)
+    table = markdown(rows, meta)
+    write_results(rows, meta, table, output_dir, name)
+    log(table)
+    return rows
 
 
 def environment(device: torch.device) -> dict[str, Any]:

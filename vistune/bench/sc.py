@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..testing import SD15_UNET_CONFIG, TINY_UNET_CONFIG
-from .runner import environment, measure_training, run_case, suite_main, write_results
+from .runner import environment, measure_training, suite_main, sweep
 
 METHODS = ("full", "lora", "sc")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -109,19 +109,10 @@ def run(batch_sizes=(1, 4), steps: int = 3, warmup: int = 1, latent: int | None 
     """Measure every (method, batch size) in its own subprocess; write ``<name>.json`` and ``<name>.md``."""
     cuda = torch.cuda.is_available()
     latent = latent or (64 if cuda else 32)
-    rows = []
-    for batch in batch_sizes:
-        for method in methods:
-            case = {"method": method, "batch_size": batch, "latent": latent, "steps": steps, "warmup": warmup, "config": config}
-            log(f"measuring {method} at batch {batch} ...")
-            rows.append(run_case("vistune.bench.sc", case))
     meta = {"config": config, "latent": latent, "steps": steps, "warmup": warmup,
             "env": environment(torch.device("cuda" if cuda else "cpu"))}
-    rows = ratios(rows)
-    table = markdown(rows, meta)
-    write_results(rows, meta, table, output_dir, name)
-    log(table)
-    return rows
+    base = {"latent": latent, "steps": steps, "warmup": warmup, "config": config}
+    return sweep("vistune.bench.sc", methods, batch_sizes, base, meta, ratios, markdown, output_dir, name, log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
