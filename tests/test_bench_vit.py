@@ -15,8 +15,10 @@ def case(method):
 
 
 def test_one_case_per_method_counts_the_trainable_parameters():
-    rows = {m: bench.run_one(case(m)) for m in ("linear", "hst", "hst_nograd")}
+    rows = {m: bench.run_one(case(m)) for m in bench.METHODS if m != "lora"}
     params = {m: r["trainable_params"] for m, r in rows.items()}
+    assert params["full_ckpt"] == params["full"]  # checkpointing: same maths, same parameters
+    assert params["hst"] == params["hst_nockpt"] == params["hst_sideckpt"] == params["hst_allckpt"]
     assert params["linear"] == 192 * 10 + 10  # the head of vit_tiny (width 192)
     assert params["hst"] > params["hst_nograd"] > params["linear"]
     assert params["hst"] - params["hst_nograd"] == 12 * 192 + 12 * 2 * 2 * 192 + 2 * (3 * 32 + 3 * 48 + 3 * 64 + 3 * 72)
@@ -36,6 +38,7 @@ def test_ratios_targets_and_table():
             "env": {"device": "cpu", "threads": 1}}
     table = bench.markdown(rows, meta)
     assert "vit_base_patch16_224" in table and "<= 0.35: MISSED" in table and "<= 0.60: met" in table
+    assert "- `hst`: HST, default config" in table and "hst_nockpt`:" not in table  # legend of the rows shown
 
 
 @pytest.mark.slow

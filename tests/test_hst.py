@@ -277,7 +277,8 @@ def test_vit_b16_preset():
     config = TunerConfig.from_json((ROOT / "tuners" / "vit_b16_hst.json").read_text())
     assert isinstance(config, HSTConfig)
     assert config == HSTConfig(num_classes=100)
-    assert json.loads((ROOT / "tuners" / "vit_b16_hst.json").read_text()) == config.to_dict()
+    saved = json.loads((ROOT / "tuners" / "vit_b16_hst.json").read_text())
+    assert saved == {k: v for k, v in config.to_dict().items() if k in saved}  # omitted fields take their defaults
 
 
 def test_shipped_tiny_vit_takes_hst():

@@ -71,6 +71,19 @@ def test_resume_reproduces_an_uninterrupted_run(script, tmp_path):
                      "--resume_from_checkpoint", "latest"])
 
 
+def test_gradient_checkpointing_flag_trains_the_same_weights(script, tmp_path):
+    args = ["--task", "classify", "--max_train_steps", "2"]
+    run(script, tmp_path / "ckpt", *args)
+    run(script, tmp_path / "plain", *args, "--hst_gradient_checkpointing", "false")
+    ckpt = safetensors.torch.load_file(str(tmp_path / "ckpt" / "task_model.safetensors"))
+    plain = safetensors.torch.load_file(str(tmp_path / "plain" / "task_model.safetensors"))
+    assert ckpt.keys() == plain.keys()
+    for k in ckpt:
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)
+    saved = json.loads((tmp_path / "plain" / "hst" / "tuner_config.json").read_text())
+    assert saved["config"]["gradient_checkpointing"] is False
+
+
 @pytest.mark.parametrize("method", ["linear", "lora", "full"])
 def test_baselines_run_in_the_same_loop(script, tmp_path, method):
     metrics = run(script, tmp_path / method, "--task", "classify", "--method", method, "--max_train_steps", "1")

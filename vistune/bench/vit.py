@@ -7,9 +7,12 @@ weights, 224x224, 100 classes).
 Each (method, batch size) runs in a fresh subprocess: build the ViT, set the method up, then time optimizer
 steps (forward + cross-entropy + backward + AdamW step) and measure the peak memory above the resting model
 (optimizer state, gradients and activations). Methods: ``full``, ``linear`` (head only), ``lora`` (peft r=8 on
-qkv/proj/fc1/fc2 + head), ``hst`` (the paper: meta tokens + LayerNorm tuning, backward through the ViT) and
-``hst_nograd`` (``backbone_grad=False``: backward never enters the ViT). CUDA is used when present (bf16
-autocast for every method alike).
+qkv/proj/fc1/fc2 + head), ``hst`` (the default config: the paper's meta tokens + LayerNorm tuning, backward
+through the ViT, with the ViT blocks' activations checkpointed), ``hst_nockpt`` (the same without checkpointing:
+every block's activations kept), ``hst_sideckpt`` (only the side network checkpointed), ``hst_allckpt`` (ViT blocks
+and side network checkpointed), ``hst_nograd`` (``backbone_grad=False``: backward never enters the ViT) and
+``full_ckpt`` (full fine-tuning with the same timm block checkpointing, for reference). CUDA is used when present
+(bf16 autocast for every method alike).
 """
 
 from __future__ import annotations
@@ -19,11 +22,31 @@ from typing import Any
 
 import torch
 
-from .runner import environment, measure_training, run_case, suite_main, write_results
+from .runner import environment, measure_training, suite_main, sweep
 
-METHODS = ("full", "linear", "lora", "hst", "hst_nograd")
+METHODS = ("full", "full_ckpt", "linear", "lora", "hst", "hst_nockpt", "hst_sideckpt", "hst_allckpt", "hst_nograd")
+#: HSTConfig of each HST method (``hst`` = the defaults).
+HST_METHODS = {
+    "hst": {},
+    "hst_nockpt": {"gradient_checkpointing": False, "side_checkpointing": False},
+    "hst_sideckpt": {"gradient_checkpointing": False, "side_checkpointing": True},
+    "hst_allckpt": {"gradient_checkpointing": True, "side_checkpointing": True},
+    "hst_nograd": {"backbone_grad": False},
+}
+#: What each method runs (the markdown table's legend).
+DESCRIPTIONS = {
+    "full": "full fine-tuning",
+    "full_ckpt": "full fine-tuning with timm's block checkpointing (set_grad_checkpointing)",
+    "linear": "linear probe (head only)",
+    "lora": "peft LoRA r=8 on qkv/proj/fc1/fc2 + head",
+    "hst": "HST, default config (meta tokens + LayerNorm tuning, ViT blocks checkpointed)",
+    "hst_nockpt": "HST with gradient_checkpointing=False (every ViT block's activations kept)",
+    "hst_sideckpt": "HST with gradient_checkpointing=False, side_checkpointing=True (only the side network recomputed)",
+    "hst_allckpt": "HST with gradient_checkpointing=True, side_checkpointing=True (ViT blocks and side network recomputed)",
+    "hst_nograd": "HST with backbone_grad=False (backward never enters the ViT)",
+}
 ARCHITECTURES = {"vit_b16": "vit_base_patch16_224", "vit_tiny": "vit_tiny_patch16_224"}
-#: Targets from the issue: peak training memory as a fraction of full fine-tuning's.
+#: Targets from the issue: peak training memory as a fraction of full fine-tuning's (``hst`` = the default).
 TARGETS = {"hst": 0.6, "hst_nograd": 0.35}
 
 
@@ -38,10 +61,12 @@ def _build(case: dict[str, Any], device: torch.device):
     model = timm.create_model(ARCHITECTURES[case["model"]], pretrained=False, num_classes=case["num_classes"],
                               img_size=case["image_size"])
     method = case["method"]
-    if method in ("full", "linear", "lora"):
-        prepare_vit_baseline(model, method)
-    elif method in ("hst", "hst_nograd"):
-        vistune.attach(model, HSTConfig(num_classes=case["num_classes"], backbone_grad=method == "hst"))
+    if method in ("full", "full_ckpt", "linear", "lora"):
+        prepare_vit_baseline(model, method.removesuffix("_ckpt"))
+        if method == "full_ckpt":
+            model.set_grad_checkpointing(True)
+    elif method in HST_METHODS:
+        vistune.attach(model, HSTConfig(num_classes=case["num_classes"], **HST_METHODS[method]))
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     model.to(device).train()
@@ -98,6 +123,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{r['step_seconds']:.3f} | {r.get('params_vs_full', float('nan')):.4f} | "
             f"{r.get('memory_vs_full', float('nan')):.3f} | {r.get('time_vs_full', float('nan')):.2f} | {target} |"
         )
+    lines += ["", "Ratios are to `full` at the same batch size. Checkpointing (`*_ckpt*` rows, and `hst`, whose default "
+              "checkpoints the ViT blocks) trades step time for memory with unchanged losses and gradients: compare "
+              "`hst` with `hst_nockpt`."]
+    lines += [f"- `{m}`: {DESCRIPTIONS[m]}" for m in METHODS if any(r["method"] == m for r in rows)]
     return "\n".join(lines)
 
 
@@ -105,24 +134,14 @@ def run(batch_sizes=(2, 8), steps: int = 3, warmup: int = 1, image_size: int = 2
         num_classes: int = 100, methods=METHODS, output_dir: str = "benchmarks/results", name: str = "vit",
         threads: int | None = None, log=print) -> list[dict[str, Any]]:
     """Measure every (method, batch size) in its own subprocess; write ``<name>.json`` and ``<name>.md``."""
-    cuda = torch.cuda.is_available()
-    rows = []
-    for batch in batch_sizes:
-        for method in methods:
-            case = {"method": method, "batch_size": batch, "image_size": image_size, "steps": steps, "warmup": warmup,
-                    "model": model, "num_classes": num_classes, "threads": threads}
-            log(f"measuring {method} at batch {batch} ...")
-            rows.append(run_case("vistune.bench.vit", case))
-    env = environment(torch.device("cuda" if cuda else "cpu"))
+    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if threads:
         env["threads"] = threads
     meta = {"model": model, "image_size": image_size, "num_classes": num_classes, "steps": steps, "warmup": warmup,
             "env": env}
-    rows = ratios(rows)
-    table = markdown(rows, meta)
-    write_results(rows, meta, table, output_dir, name)
-    log(table)
-    return rows
+    base = {"image_size": image_size, "steps": steps, "warmup": warmup, "model": model, "num_classes": num_classes,
+            "threads": threads}
+    return sweep("vistune.bench.vit", methods, batch_sizes, base, meta, ratios, markdown, output_dir, name, log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

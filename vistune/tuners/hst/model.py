@@ -6,6 +6,13 @@ patch tokens are recorded (``block_output``); forward hooks on each block's ``no
 LayerNorm with tuned affine parameters ``weight + dw``, ``bias + db`` (the deltas live in the tuner, so the
 backbone's own tensors never change and detach restores it exactly); a forward hook on the model replaces the
 ViT's logits by the side network's when the tuner has a classification head.
+
+Activation checkpointing (timm's ``model.set_grad_checkpointing``, non-reentrant ``torch.utils.checkpoint``):
+a checkpointed block runs its forward again in backward, so its hooks fire twice. The meta-token insertion and
+the LayerNorm hooks are pure functions of their inputs and must run again (the recomputation has to reproduce
+the forward); the readout records block outputs only while a forward is recording them: a pre-hook on
+``patch_embed`` (outside the checkpointed blocks) starts a recording, the last block's readout ends it, so a
+recomputation in backward returns the same tensor but never feeds the side network twice.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ...core.errors import BackboneMismatchError, TunerError
@@ -81,6 +89,11 @@ class _NormHook(_TunerHook):
         return self.tuner.tuned_norm(module, self.index, self.which, args[0])
 
 
+class _ForwardStart(_TunerHook):
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.tuner.start_recording()
+
+
 class _SizeCheck(_TunerHook):
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.tuner.active and args:
@@ -110,6 +123,9 @@ class HSTTuner(Tuner):
     bilinearly to the stage resolution (bridging first: a linear map commutes with bilinear resizing, and it is
     far cheaper than resizing ``vit_dim`` channels), then ``x += CrossAttn(norm(x), kv=[meta_i, mean(map)])``,
     ``x += map``, ``x += MLP(norm(x))``.
+
+    With ``gradient_checkpointing`` (default) the tuner turns on timm's block checkpointing while attached, so
+    training keeps only each block's input and recomputes the block in backward (same losses and gradients).
 
     Use: ``model(images)`` returns HST logits (with a head); :func:`hst_features` returns the 4 stage maps.
     """
@@ -152,6 +168,9 @@ class HSTTuner(Tuner):
         self.layout = {"depth": depth, "embed_dim": dim, "num_prefix_tokens": self.num_prefix_tokens}
         self._metas: list[torch.Tensor] = []
         self._maps: list[torch.Tensor] = []
+        self._recording = False
+        self._grad_at_start = False
+        self._previous_checkpointing: bool | None = None
         self._patch = _pair(model.patch_embed.patch_size)
 
     @property
@@ -161,6 +180,11 @@ class HSTTuner(Tuner):
     # -- hooks -----------------------------------------------------------------------------------------------
     def install(self, model: nn.Module) -> None:
         self.train(model.training)
+        checkpoint = self.config.backbone_grad and self.config.gradient_checkpointing
+        if checkpoint and not callable(getattr(model, "set_grad_checkpointing", None)):
+            raise BackboneMismatchError(
+                f"{type(model).__name__} has no set_grad_checkpointing(); use HSTConfig(gradient_checkpointing=False)"
+            )
         site = vit_block_site(model)
         points = ["block_output"] + (["block_input"] if self.config.backbone_grad else [])
         added = []
@@ -176,8 +200,12 @@ class HSTTuner(Tuner):
             for i, block in enumerate(model.blocks):
                 block.norm1.register_forward_hook(_NormHook(self, i, 0))
                 block.norm2.register_forward_hook(_NormHook(self, i, 1))
+        model.patch_embed.register_forward_pre_hook(_ForwardStart(self))
         model.register_forward_pre_hook(_SizeCheck(self))
         model.register_forward_hook(_Logits(self))
+        if checkpoint:
+            self._previous_checkpointing = bool(getattr(model, "grad_checkpointing", False))
+            model.set_grad_checkpointing(True)
 
     def uninstall(self, model: nn.Module) -> None:
         site = vit_block_site(model)
@@ -187,7 +215,16 @@ class HSTTuner(Tuner):
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for key in [k for k, h in hooks.items() if isinstance(h, _TunerHook) and h.tuner is self]:
                     del hooks[key]
+        self._metas, self._maps, self._recording = [], [], False
+        if self._previous_checkpointing is not None:
+            model.set_grad_checkpointing(self._previous_checkpointing)
+            self._previous_checkpointing = None
+
+    def start_recording(self) -> None:
+        """A ViT forward starts (``patch_embed`` pre-hook): record the block outputs it makes."""
         self._metas, self._maps = [], []
+        self._recording = self.active
+        self._grad_at_start = torch.is_grad_enabled()
 
     def insert_meta(self, block: ViTBlock, x: torch.Tensor) -> torch.Tensor | None:
         """``block_input``: prepend this block's meta token (VPT-deep: a fresh token before every block)."""
@@ -197,17 +234,29 @@ class HSTTuner(Tuner):
         return torch.cat([token, x], dim=1)
 
     def read_block(self, block: ViTBlock, x: torch.Tensor) -> torch.Tensor | None:
-        """``block_output``: record the meta token's output and the patch tokens; drop the meta token."""
+        """``block_output``: record the meta token's output and the patch tokens; drop the meta token.
+
+        Records only during a forward's recording (not when a checkpointed block is recomputed in backward).
+        """
         if not self.active:
             return None
-        if block.index == 0:
-            self._metas, self._maps = [], []
+        record = self._recording and len(self._maps) == block.index
+        if record and self._grad_at_start and not torch.is_grad_enabled() and self.config.backbone_grad:
+            self._recording = False
+            raise TunerError(
+                "gradients are off inside the ViT blocks of a forward with gradients on (reentrant activation "
+                "checkpointing?); HST needs non-reentrant checkpointing: timm.layers.set_reentrant_ckpt(False)"
+            )
+        if record and block.index == self.layout["depth"] - 1:
+            self._recording = False
         if self.config.backbone_grad:
-            self._metas.append(x[:, :1])
-            x = x[:, 1:]
-            self._maps.append(x[:, self.num_prefix_tokens:])
+            meta, x = x[:, :1], x[:, 1:]
+            if record:
+                self._metas.append(meta)
+                self._maps.append(x[:, self.num_prefix_tokens:])
             return x
-        self._maps.append(x[:, self.num_prefix_tokens:].detach())
+        if record:
+            self._maps.append(x[:, self.num_prefix_tokens:].detach())
         return None
 
     def tuned_norm(self, norm: nn.LayerNorm, index: int, which: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -239,22 +288,36 @@ class HSTTuner(Tuner):
         x = images.to(dtype)
         features = []
         layer = 0
+        checkpoint = self.config.side_checkpointing and torch.is_grad_enabled()
         for s, (embed, blocks) in enumerate(zip(self.embeds, self.stages)):
             tokens, h, w = embed(x)
-            bridge = self.bridges[s]
-            for block in blocks:
-                vit = bridge(maps[layer].to(dtype))  # (B, N, d_s)
-                vit = vit.transpose(1, 2).reshape(batch, -1, *grid)
-                vit = F.interpolate(vit, size=(h, w), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-                kv = vit.mean(dim=1, keepdim=True)
-                if self.config.backbone_grad:
-                    kv = torch.cat([self.meta_norms[layer](bridge(metas[layer].to(dtype))), kv], dim=1)
-                tokens = block(tokens, kv, vit)
+            for _ in blocks:
+                inputs = (layer, tokens, maps[layer], metas[layer] if metas else None, grid, (h, w))
+                if checkpoint:
+                    tokens = torch.utils.checkpoint.checkpoint(self._side_layer, *inputs, use_reentrant=False)
+                else:
+                    tokens = self._side_layer(*inputs)
                 layer += 1
             tokens = self.stage_norms[s](tokens)
             x = tokens.transpose(1, 2).reshape(batch, -1, h, w)
             features.append(x)
         return features
+
+    def _side_layer(self, layer: int, tokens: torch.Tensor, vit_map: torch.Tensor, meta: torch.Tensor | None,
+                    grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """One side block fed by ViT layer ``layer``: bridge, resize, ``kv = [meta, mean(map)]``, the block."""
+        s = self.stage_of_layer[layer]
+        bridge = self.bridges[s]
+        dtype = bridge.weight.dtype
+        batch = tokens.shape[0]
+        vit = bridge(vit_map.to(dtype))  # (B, N, d_s)
+        vit = vit.transpose(1, 2).reshape(batch, -1, *grid)
+        vit = F.interpolate(vit, size=size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        kv = vit.mean(dim=1, keepdim=True)
+        if meta is not None:
+            kv = torch.cat([self.meta_norms[layer](bridge(meta.to(dtype))), kv], dim=1)
+        block = self.stages[s][layer - self.stage_of_layer.index(s)]
+        return block(tokens, kv, vit)
 
 
 def find_hst(model: nn.Module, name: str | None = None) -> HSTTuner:
