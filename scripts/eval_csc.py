@@ -3,19 +3,30 @@
 
     python scripts/eval_csc.py                                  # canny, 300 steps, csc + controlnet
     python scripts/eval_csc.py --steps 600 --methods csc csc_1x1 controlnet
+    python scripts/eval_csc.py --conditions canny segmentation color --pairs canny+color
 
-Every method is trained by ``scripts/train_csc_tuner.py`` (one loop, same shapes-world data with the exact canny
-ground truth, same steps, batch, learning rate and seed; a fresh subprocess each), loaded back the way users load
-it (``CSCControlModel.from_tuners`` into ``StableDiffusionCSCControlPipeline``; ``ControlNetModel.from_pretrained``
+Every method is trained by ``scripts/train_csc_tuner.py`` for each ``--conditions`` entry (one loop, same
+shapes-world data with the exact ground truth for canny and segmentation, same steps, batch, learning rate and
+seed; a fresh subprocess each; ControlNet only for ``--controlnet_conditions``), loaded back the way users load it
+(``CSCControlModel.from_tuners`` into ``StableDiffusionCSCControlPipeline``; ``ControlNetModel.from_pretrained``
 into ``StableDiffusionControlNetPipeline``), and measured on the same unseen scenes (their captions as prompts,
-their ground-truth edges as the control image, one seeded image each):
+their ground-truth maps as the control images, one seeded image each). ``--pairs a+b`` combines the single-condition
+CSC tuners at inference (``CSCControlModel.from_tuners`` with both, ``controlnet_conditioning_scale`` =
+``--pair_weights``). Every row gets every metric:
 
-* edge F1 (1 px tolerance, ``vistune.metrics.edge_f1``) between the control edges and the canny edges of the
-  generated image, against the uncontrolled model on the same prompts and seeds;
-* caption fidelity (``vistune.metrics.caption_fidelity``: every prompted colour and shape found by the checker).
+* edge F1 (1 px tolerance, ``vistune.metrics.edge_f1``) between the ground-truth edges and the canny edges of the
+  generated image (higher is better);
+* mIoU (``vistune.metrics.shape_miou``) between the scene's class mask (what the segmentation condition encodes)
+  and the class mask the analytic checker derives from the generated image (higher is better);
+* colour-layout error (``vistune.metrics.color_layout_error``, 0-255 grey levels) between the coarse colour
+  layouts of the generated image and of the scene, ``--color_cell`` px cells (default: resolution // 8, an 8 x 8
+  grid like SCEdit's 64 px cells at 512 px; lower is better). Note: the ``color`` condition's own default cell is
+  64 px, a single cell (the mean colour) below 96 px;
+* caption fidelity (``vistune.metrics.caption_fidelity``: every prompted colour and shape found by the checker),
+  and its change against the uncontrolled model on the same prompts and seeds.
 
-Writes ``<output_dir>/csc_fidelity.json``, ``.md`` and ``.png`` (rows: control, uncontrolled, each method,
-the real scenes).
+Writes ``<output_dir>/csc_fidelity.json``, ``.md`` and ``.png`` (grid rows: each condition's control, uncontrolled,
+each method and pair, the real scenes).
 """
 
 from __future__ import annotations
@@ -32,21 +43,42 @@ import torch
 
 from vistune.assets import asset_path
 from vistune.bench.runner import write_results
-from vistune.conditions import canny
+from vistune.conditions import canny, color
 from vistune.data import ShapesDataset
-from vistune.metrics import caption_fidelity, edge_f1
+from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
 from vistune.sd_training import ConditionedDataset
 
 SCRIPT = Path(__file__).with_name("train_csc_tuner.py")
 METHODS = ("csc", "csc_1x1", "controlnet")
+CONDITIONS = ("canny", "segmentation", "color")  # the ones with a metric here
 SAMPLING_STEPS = 25
 GUIDANCE = 4.0
+
+
+def parse_pair(text: str) -> tuple[str, ...]:
+    """``"canny+color"`` -> ``("canny", "color")``: two or more distinct known conditions."""
+    names = tuple(text.split("+"))
+    if len(names) < 2 or len(set(names)) != len(names) or any(n not in CONDITIONS for n in names):
+        raise argparse.ArgumentTypeError(f"a pair is two or more distinct conditions of {CONDITIONS} joined by '+', "
+                                         f"got {text!r}")
+    return names
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=None, help="default: the shipped assets/tiny-sd-shapes")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["csc", "controlnet"])
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=["canny"],
+                   help="train and measure each method on each of these conditions")
+    p.add_argument("--controlnet_conditions", nargs="+", choices=CONDITIONS, default=["canny", "segmentation"],
+                   help="conditions for which the controlnet method runs (if in --methods)")
+    p.add_argument("--pairs", nargs="*", type=parse_pair, default=[],
+                   help="conditions combined at inference, e.g. canny+color (their csc tuners are trained as needed)")
+    p.add_argument("--pair_weights", nargs="+", type=float, default=None,
+                   help="controlnet_conditioning_scale for each condition of a pair (default 1.0 each)")
+    p.add_argument("--color_cell", type=int, default=None,
+                   help="cell (px) of the colour layout the colour error compares; default resolution // 8 (an 8 x 8 "
+                        "grid, as SCEdit's 64 px cells at 512 px)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=5e-4)
@@ -57,13 +89,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_training", action="store_true", help="reuse the outputs already in --work_dir")
     p.add_argument("--work_dir", default="build/eval_csc")
     p.add_argument("--output_dir", default="build/eval_csc")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for pair in args.pairs:
+        if args.pair_weights is not None and len(args.pair_weights) != len(pair):
+            p.error(f"--pair_weights has {len(args.pair_weights)} value(s) for the pair {'+'.join(pair)}")
+    return args
 
 
-def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
-    """Train ``method`` with the training script in a fresh process; returns its wall time in seconds."""
+def runs(args) -> list[tuple[str, str]]:
+    """``(condition, method)`` to train and measure: every method on every condition (ControlNet only on
+    ``--controlnet_conditions``), plus the csc tuner of every condition a pair needs."""
+    out = [(c, m) for c in args.conditions for m in args.methods
+           if m != "controlnet" or c in args.controlnet_conditions]
+    for pair in args.pairs:
+        out += [(c, "csc") for c in pair if (c, "csc") not in out]
+    return out
+
+
+def run_dir(work: Path, condition: str, method: str) -> Path:
+    """Where a run's output lives: ``<work>/<method>`` for canny (as before), ``<work>/<method>-<condition>``."""
+    return work / (method if condition == "canny" else f"{method}-{condition}")
+
+
+def train(args, method: str, base: Path, out: Path, resolution: int, condition: str = "canny") -> float:
+    """Train ``method`` on ``condition`` with the training script in a fresh process; returns its wall time (s)."""
     command = [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(base),
-               "--method", "controlnet" if method == "controlnet" else "csc", "--condition", "canny",
+               "--method", "controlnet" if method == "controlnet" else "csc", "--condition", condition,
                "--shapes_domain", "plain", "--num_train_images", str(args.num_train_images),
                "--resolution", str(resolution), "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate),
@@ -76,30 +127,52 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
     return time.perf_counter() - started
 
 
-def eval_scenes(args, size: int):
-    """Unseen scenes (another seed than training): prompts, ground-truth canny maps, edge maps."""
-    data = ConditionedDataset(
-        ShapesDataset(args.num_eval_scenes, seed=args.seed + 10_000, size=size, num_shapes=(1, 2)), "canny"
-    )  # at most two shapes: longer captions exceed the tiny tokenizer's 16 tokens
+def _eval_dataset(args, size: int) -> ShapesDataset:
+    # at most two shapes: longer captions exceed the tiny tokenizer's 16 tokens
+    return ShapesDataset(args.num_eval_scenes, seed=args.seed + 10_000, size=size, num_shapes=(1, 2))
+
+
+def eval_scenes(args, size: int, condition: str = "canny"):
+    """Unseen scenes (another seed than training): prompts and the ``condition`` maps (B x 3 x H x W)."""
+    data = ConditionedDataset(_eval_dataset(args, size), condition)
     prompts = [data.dataset.scene(i).caption for i in range(len(data))]
     controls = torch.stack([data[i]["control"] for i in range(len(data))])
     return prompts, controls
 
 
+def color_cell(args, size: int) -> int:
+    """Cell (px) of the colour layouts compared: ``--color_cell`` or ``size // 8`` (at least 1)."""
+    return args.color_cell if getattr(args, "color_cell", None) else max(1, size // 8)
+
+
+def eval_truth(args, size: int) -> dict:
+    """What every row is scored against: prompts, ground-truth edges and class masks, and the scenes' coarse
+    colour layouts at :func:`color_cell` (the colour condition itself when its cell is the same)."""
+    data = _eval_dataset(args, size)
+    scenes = [data.scene(i) for i in range(len(data))]
+    cell = color_cell(args, size)
+    return {"prompts": [s.caption for s in scenes], "edges": np.stack([s.edges > 0 for s in scenes]),
+            "masks": np.stack([s.mask for s in scenes]), "color_cell": cell,
+            "layouts": color(np.stack([s.image for s in scenes]), cell=cell)}
+
+
 def real_images(args, size: int) -> np.ndarray:
-    """The evaluation scenes themselves (H x W x 3 in [0, 1]): the upper bound of both metrics."""
-    data = ShapesDataset(args.num_eval_scenes, seed=args.seed + 10_000, size=size, num_shapes=(1, 2))
+    """The evaluation scenes themselves (H x W x 3 in [0, 1]): the upper bound of every metric."""
+    data = _eval_dataset(args, size)
     return np.stack([data.scene(i).image for i in range(len(data))]).astype(np.float32) / 255
 
 
-def load_pipeline(base: Path, method: str | None, trained: Path | None):
+def load_pipeline(base: Path, method: str | None, trained):
+    """The base pipeline; with ``method`` the trained controller from ``trained`` (a path, or for csc a list of
+    paths: several conditions combined)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
     from vistune.pipelines.csc_control import CSCControlModel, StableDiffusionCSCControlPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
     if method in ("csc", "csc_1x1"):
-        controlnet = CSCControlModel.from_tuners(pipe.unet, [trained])
+        paths = list(trained) if isinstance(trained, (list, tuple)) else [trained]
+        controlnet = CSCControlModel.from_tuners(pipe.unet, paths)
         pipe = StableDiffusionCSCControlPipeline(controlnet=controlnet, **pipe.components)
     elif method == "controlnet":
         controlnet = ControlNetModel.from_pretrained(trained, subfolder="controlnet")
@@ -108,27 +181,47 @@ def load_pipeline(base: Path, method: str | None, trained: Path | None):
     return pipe
 
 
-def generate(pipe, prompts: list[str], controls: torch.Tensor | None, seed: int, chunk: int = 16) -> np.ndarray:
-    """One image per prompt (generator seeded by its index), as H x W x 3 floats in [0, 1]."""
+def generate(pipe, prompts: list[str], controls, seed: int, chunk: int = 16,
+             conditions: list[str] | None = None, weights: list[float] | None = None) -> np.ndarray:
+    """One image per prompt (generator seeded by its index), as H x W x 3 floats in [0, 1].
+
+    ``controls``: None (uncontrolled), one B x 3 x H x W map, or (CSC pipeline, with ``conditions`` naming the
+    tuner of each) a list of maps combined with ``weights``."""
+    several = isinstance(controls, (list, tuple))
     out = []
     for start in range(0, len(prompts), chunk):
         end = min(start + chunk, len(prompts))
         kwargs = dict(num_inference_steps=SAMPLING_STEPS, guidance_scale=GUIDANCE, output_type="np",
                       generator=[torch.Generator().manual_seed(seed + i) for i in range(start, end)])
         if controls is not None:
-            kwargs["image"] = controls[start:end]
+            kwargs["image"] = [c[start:end] for c in controls] if several else controls[start:end]
             if hasattr(pipe, "prepare_control"):  # the CSC pipeline: the map is already the condition
                 kwargs["preprocess"] = False
+                if conditions is not None:
+                    kwargs["condition"] = list(conditions)
+                if weights is not None:
+                    kwargs["controlnet_conditioning_scale"] = list(weights)
         with torch.no_grad():
             out.append(pipe(prompts[start:end], **kwargs).images)
     return np.concatenate(out)
 
 
-def measure(images: np.ndarray, prompts: list[str], controls: torch.Tensor) -> dict:
+def measure(images: np.ndarray, prompts: list[str], controls: torch.Tensor | None = None,
+            truth: dict | None = None) -> dict:
+    """Edge F1 against ``controls`` (canny maps) or ``truth["edges"]``; with ``truth`` also mIoU against its class
+    masks and the colour-layout error against its layouts; caption fidelity on ``prompts``."""
     uint8 = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
     edges = canny(np.stack(uint8))[:, 0] > 0.5
-    f1 = [edge_f1(e.numpy(), c[0].numpy() > 0.5) for e, c in zip(edges, controls)]
-    return {"edge_f1": float(np.mean(f1)), "caption_fidelity": caption_fidelity(uint8, prompts)}
+    target = truth["edges"] if truth is not None else (controls[:, 0] > 0.5).numpy()
+    f1 = [edge_f1(e.numpy(), t) for e, t in zip(edges, target)]
+    out = {"edge_f1": float(np.mean(f1))}
+    if truth is not None:
+        out["miou"] = float(np.mean([shape_miou(im, m) for im, m in zip(uint8, truth["masks"])]))
+        cell = truth["color_cell"]
+        out["color_error"] = float(np.mean([color_layout_error(im, layout, cell=cell)
+                                            for im, layout in zip(uint8, truth["layouts"])]))
+    out["caption_fidelity"] = caption_fidelity(uint8, prompts)
+    return out
 
 
 def trainable_count(pipe, method: str | None) -> int:
@@ -136,27 +229,84 @@ def trainable_count(pipe, method: str | None) -> int:
     return 0 if method is None or controlnet is None else sum(p.numel() for p in controlnet.parameters())
 
 
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base else "-"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "# Canny control of the shipped tiny SD: CSC-Tuner vs diffusers ControlNet",
+        "# Control fidelity on the shipped tiny SD: CSC-Tuner vs diffusers ControlNet",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g}, caption "
-        f"dropout {meta['conditioning_dropout']:g}, seed {meta['seed']}, {meta['train_images']} training scenes with "
-        f"exact edges; {meta['eval_scenes']} unseen scenes (caption as prompt, ground-truth edges as control), one "
-        f"image each, {SAMPLING_STEPS} DDIM steps, guidance {GUIDANCE:g}. Edge F1: canny edges of the image vs the "
-        "control edges, 1 px tolerance.",
+        f"dropout {meta['conditioning_dropout']:g}, seed {meta['seed']}, {meta['train_images']} training scenes "
+        f"(exact edges / class masks); {meta['eval_scenes']} unseen scenes (caption as prompt, ground-truth map as "
+        f"control), one image each, {SAMPLING_STEPS} DDIM steps, guidance {GUIDANCE:g}. Edge F1: canny edges of "
+        "the image vs the ground-truth edges, 1 px tolerance. mIoU: the checker's class mask of the image vs the "
+        "scene's (background + 4 shapes). Colour error: mean |RGB| difference (0-255) between the coarse colour "
+        f"layouts ({meta.get('color_cell', '?')} px cells) of the image and of the scene (lower is better). Ratios "
+        "are to the uncontrolled row. Pairs: "
+        f"single-condition CSC tuners combined at inference, weights {meta.get('pair_weights') or 'all 1.0'}.",
         "",
-        "| method | trainable params | edge F1 | F1 / uncontrolled | caption fidelity | fidelity change | train time |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| condition | method | trainable params | edge F1 | F1 / unc. | mIoU | mIoU / unc. | colour error "
+        "| caption fidelity | fidelity change | train time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = rows[0]
     for r in rows:
-        ratio = r["edge_f1"] / base["edge_f1"] if base["edge_f1"] else float("nan")
         change = 100 * (r["caption_fidelity"] - base["caption_fidelity"])
         seconds = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
-        lines.append(f"| {r['method']} | {r['trainable_params']:,d} | {r['edge_f1']:.3f} | {ratio:.2f}x | "
+        miou = f"{r['miou']:.3f}" if "miou" in r else "-"
+        miou_ratio = _ratio(r["miou"], base["miou"]) if "miou" in r and "miou" in base else "-"
+        colour = f"{r['color_error']:.1f}" if "color_error" in r else "-"
+        lines.append(f"| {r.get('condition', '-')} | {r['method']} | {r['trainable_params']:,d} | {r['edge_f1']:.3f} | "
+                     f"{_ratio(r['edge_f1'], base['edge_f1'])} | {miou} | {miou_ratio} | {colour} | "
                      f"{100 * r['caption_fidelity']:.1f}% | {change:+.1f} pts | {seconds} |")
+    pair_lines = pair_verdicts(rows)
+    if pair_lines:
+        lines += ["", "Pairs against each condition alone (csc):", ""] + pair_lines
     return "\n".join(lines)
+
+
+def pair_verdicts(rows: list[dict]) -> list[str]:
+    """For each pair row, whether it beats each of its single-condition csc rows on each condition's metric."""
+    metric = {"canny": ("edge_f1", 1), "segmentation": ("miou", 1), "color": ("color_error", -1)}
+    singles = {r["condition"]: r for r in rows if r.get("method") == "csc" and "+" not in r.get("condition", "+")}
+    out = []
+    for r in rows:
+        if "+" not in r.get("condition", ""):
+            continue
+        parts = r["condition"].split("+")
+        for c in parts:
+            key, sign = metric[c]
+            alone = [singles[o][key] for o in parts if o in singles and key in singles[o]]
+            if key not in r or not alone:
+                continue
+            beats = all(sign * (r[key] - a) > 0 for a in alone)
+            out.append(f"- {r['condition']} on {key}: {r[key]:.3f} vs alone "
+                       f"{', '.join(f'{o} {singles[o][key]:.3f}' for o in parts if o in singles)} -> "
+                       f"{'beats both' if beats else 'does NOT beat both'}")
+    return out
+
+
+def save_grid(grids: dict[str, np.ndarray], path: Path, columns: int = 8, zoom: int = 3) -> None:
+    """One row of ``columns`` images (H x W x 3 in [0, 1]) per entry, zoomed ``zoom`` x, its name on the left;
+    written atomically (temp + rename)."""
+    import cv2
+
+    rows = []
+    for name, images in grids.items():
+        strip = np.concatenate(list(images[:columns]), axis=1)
+        strip = (np.clip(strip, 0, 1) * 255).round().astype(np.uint8)
+        strip = cv2.resize(strip, (strip.shape[1] * zoom, strip.shape[0] * zoom), interpolation=cv2.INTER_NEAREST)
+        label = np.full((strip.shape[0], 170, 3), 255, np.uint8)
+        cv2.putText(label, name[:24], (4, strip.shape[0] // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        rows.append(np.concatenate([label, strip], axis=1))
+    width = max(r.shape[1] for r in rows)
+    grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+    partial = path.with_name(path.stem + ".partial.png")
+    cv2.imwrite(str(partial), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    partial.replace(path)
 
 
 def main(argv=None) -> int:
@@ -168,39 +318,51 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(base, None, None)
     size = pipe.vae.config.sample_size
-    prompts, controls = eval_scenes(args, size)
+    truth = eval_truth(args, size)
+    prompts = truth["prompts"]
+    needed = {c for c, _ in runs(args)}
+    controls = {c: eval_scenes(args, size, c)[1] for c in CONDITIONS if c in needed}
 
     images = generate(pipe, prompts, None, args.seed)
-    rows = [{"method": "uncontrolled", "trainable_params": 0, **measure(images, prompts, controls)}]
-    real = {"method": "real scenes (upper bound)", "trainable_params": 0,
-            **measure(real_images(args, size), prompts, controls)}
+    rows = [{"condition": "-", "method": "uncontrolled", "trainable_params": 0, **measure(images, prompts, truth=truth)}]
+    real = {"condition": "-", "method": "real scenes (upper bound)", "trainable_params": 0,
+            **measure(real_images(args, size), prompts, truth=truth)}
     print(json.dumps(real), flush=True)
-    grids = {"control": controls.permute(0, 2, 3, 1).numpy(), "uncontrolled": images}
     print(json.dumps(rows[-1]), flush=True)
-    for method in args.methods:
-        out = work / method
-        row = {"method": method}
+    grids = {f"control {c}": controls[c].permute(0, 2, 3, 1).numpy() for c in controls}
+    grids["uncontrolled"] = images
+    for condition, method in runs(args):
+        out = run_dir(work, condition, method)
+        row = {"condition": condition, "method": method}
         if not args.skip_training:
-            row["train_seconds"] = train(args, method, base, out, size)
+            row["train_seconds"] = train(args, method, base, out, size, condition)
         pipe = load_pipeline(base, method, out)
-        images = generate(pipe, prompts, controls, args.seed)
-        rows.append({**row, "trainable_params": trainable_count(pipe, method), **measure(images, prompts, controls)})
-        grids[method] = images
+        images = generate(pipe, prompts, controls[condition], args.seed)
+        rows.append({**row, "trainable_params": trainable_count(pipe, method),
+                     **measure(images, prompts, truth=truth)})
+        grids[f"{method} {condition}"] = images
+        print(json.dumps(rows[-1]), flush=True)
+    for pair in args.pairs:
+        weights = args.pair_weights or [1.0] * len(pair)
+        pipe = load_pipeline(base, "csc", [run_dir(work, c, "csc") for c in pair])
+        images = generate(pipe, prompts, [controls[c] for c in pair], args.seed, conditions=list(pair),
+                          weights=weights)
+        name = "+".join(pair)
+        rows.append({"condition": name, "method": "csc", "weights": weights,
+                     "trainable_params": trainable_count(pipe, "csc"), **measure(images, prompts, truth=truth)})
+        grids[f"csc {name}"] = images
         print(json.dumps(rows[-1]), flush=True)
 
     rows.append(real)
     meta = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
-            "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base)}
+            "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
+            "conditions": args.conditions, "pairs": ["+".join(p) for p in args.pairs],
+            "pair_weights": args.pair_weights, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"]}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, "csc_fidelity")
-    columns = min(8, args.num_eval_scenes)
-    from PIL import Image
-
     grids["real"] = real_images(args, size)
-    grid = np.concatenate([np.concatenate(list(g[:columns]), axis=1) for g in grids.values()], axis=0)
-    Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8)).resize(
-        (grid.shape[1] * 3, grid.shape[0] * 3), resample=Image.NEAREST).save(results / "csc_fidelity.png")
+    save_grid(grids, results / "csc_fidelity.png", columns=min(8, args.num_eval_scenes))
     print(table)
     return 0
 

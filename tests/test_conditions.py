@@ -110,6 +110,12 @@ def test_color_is_a_coarse_block_layout():
     assert torch.equal(out[0, :, 64:], torch.ones(128, 64)) and out[1:, :, 64:].max() == 0
     blocks = color(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8), cell=32)[0]
     assert len(torch.unique(blocks.reshape(3, -1), dim=1).T) <= 16  # 4 x 4 cells, each one colour
+    # the default keeps SCEdit's 8 x 8 grid at any size: 4 px cells at 32 px, each the mean of its block
+    small = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    default = color(small)[0]
+    assert len(torch.unique(default.reshape(3, -1), dim=1).T) == 64
+    block = torch.from_numpy(small[4:8, 8:12].reshape(-1, 3).mean(0) / 255).float()
+    torch.testing.assert_close(default[:, 5, 9], block, atol=1 / 255 + 1e-6, rtol=0)
 
 
 def test_segmentation_from_an_integer_mask_uses_one_colour_per_class():

@@ -131,3 +131,58 @@ def test_binomial_p_value_hand_computed():
     assert binomial_p_value(2, 3) == pytest.approx(0.5)  # (3 + 1) / 8
     with pytest.raises(ValueError):
         binomial_p_value(5, 4)
+
+
+# --------------------------------------------------------------------------- control fidelity (eval_csc)
+
+
+def test_shape_class_mask_recovers_the_ground_truth_mask_of_real_scenes():
+    from vistune.data import ShapesDataset
+    from vistune.metrics import shape_class_mask, shape_miou
+
+    data = ShapesDataset(16, seed=10_000, size=64, num_shapes=(1, 2))
+    scores = []
+    for i in range(16):
+        s = data.scene(i)
+        predicted = shape_class_mask(s.image)
+        assert predicted.shape == s.mask.shape and predicted.dtype == np.int64
+        assert set(np.unique(predicted)) <= set(range(len(SHAPES) + 1))
+        scores.append(shape_miou(s.image, s.mask))
+    assert np.mean(scores) > 0.93 and min(scores) > 0.85, scores
+    # a shuffled pairing or a blank image scores far lower; a blank image predicts background only
+    shuffled = [shape_miou(data.scene(i).image, data.scene((i + 1) % 16).mask) for i in range(16)]
+    assert np.mean(shuffled) < 0.5
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    assert (shape_class_mask(blank) == 0).all()
+    assert shape_miou(blank, data.scene(0).mask) < 0.5
+    with pytest.raises(ValueError):
+        shape_miou(data.scene(0).image, data.scene(0).mask[:32])
+
+
+def test_shape_class_mask_names_the_shape_of_a_single_large_shape():
+    from vistune.data.shapes import ShapeSpec, render_scene
+    from vistune.metrics import shape_class_mask
+
+    for k, shape in enumerate(SHAPES, start=1):
+        s = render_scene([ShapeSpec(shape, "red", (32.0, 32.0), 22.0, 10.0)], "white", 64)
+        predicted = shape_class_mask(s.image)
+        inside = s.mask == k
+        assert (predicted[inside] == k).mean() > 0.95, shape
+        assert (predicted[~inside] == 0).mean() > 0.97, shape
+
+
+def test_color_layout_error_reference_values():
+    from vistune.conditions import color
+    from vistune.metrics import color_layout_error
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    layout = color(image, cell=16)[0]
+    assert color_layout_error(image, layout, cell=16) == 0.0
+    assert color_layout_error(image, layout.permute(1, 2, 0).numpy(), cell=16) == 0.0  # H x W x 3 floats too
+    flat = np.full((64, 64, 3), 100, np.uint8)
+    assert color_layout_error(flat, np.full((64, 64, 3), 110, np.uint8)) == pytest.approx(10.0)
+    assert color_layout_error(flat, np.full((64, 64, 3), 110, np.uint8)) < color_layout_error(
+        flat, np.full((64, 64, 3), 200, np.uint8))
+    with pytest.raises(ValueError):
+        color_layout_error(flat, np.zeros((32, 32, 3), np.uint8))

@@ -163,17 +163,19 @@ def soft_edge(image: Any, size: Size = None, *, sigma: float = 1.5) -> torch.Ten
     return _stack([_soft_edge_one(fit(a, size), sigma) for a in to_rgb_arrays(image)])
 
 
-def color(image: Any, size: Size = None, *, cell: int = 64) -> torch.Tensor:
+def color(image: Any, size: Size = None, *, cell: int | None = None) -> torch.Tensor:
     """Coarse colour layout: the mean colour of ``cell`` x ``cell`` pixel blocks, upsampled with nearest.
 
-    As SCEdit's colour annotator (a 64x downsample); the grid has ``max(1, round(H / cell))`` rows (same for
-    columns), so small images keep at least one cell.
+    SCEdit's colour annotator downsamples 64x, an 8 x 8 grid at 512 px; by default ``cell`` keeps that 8 x 8 grid at
+    any size (``min(H, W) // 8`` pixels, at least 1), so a 32 px image gets 4 px cells rather than one flat colour.
+    With an explicit ``cell`` the grid has ``max(1, round(H / cell))`` rows (same for columns).
     """
     maps = []
     for a in to_rgb_arrays(image):
         a = fit(a, size)
         h, w = a.shape[:2]
-        grid = (max(1, round(w / cell)), max(1, round(h / cell)))
+        side = cell if cell is not None else max(1, min(h, w) // 8)
+        grid = (max(1, round(w / side)), max(1, round(h / side)))
         small = cv2.resize(a, grid, interpolation=cv2.INTER_AREA)
         maps.append(cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST))
     return _stack(maps)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -32,6 +32,7 @@ __all__ = [
     "caption_fidelity", "pair_recall", "checker_accuracy", "degrade", "style_separation",
     "edge_f1", "edge_precision_recall", "mean_iou", "psnr", "binomial_p_value",
     "style_statistic", "style_statistics", "to_rgb_uint8",
+    "shape_class_mask", "shape_miou", "color_layout_error",
 ]
 
 WORK_SIZE = 128  # the checker analyses every image at this resolution
@@ -128,18 +129,16 @@ def _to_work(image: Any) -> tuple[np.ndarray, float]:
     return work, 1.0 / scale
 
 
-def detect_shapes(image: Any) -> list[DetectedShape]:
-    """All shapes in an RGB image (any size >= 32), sorted left to right.
+def _shape_contours(work: np.ndarray) -> Iterator[tuple[str, np.ndarray, tuple[int, int, int, int]]]:
+    """The checker's shape candidates in a WORK_SIZE image: ``(colour, outer contour, (x, y, w, h) box)``; the
+    contour is in the coordinates of the box padded by 1 px.
 
-    Steps: resize to WORK_SIZE; segment_colors (border background, Lab foreground,
-    nearest colour prototype + mode filter); per colour, morphological opening and
-    connected components above MIN_AREA_FRACTION; classify_contour on each outer contour.
+    Steps: segment_colors (border background, Lab foreground, nearest colour prototype + mode filter); per colour,
+    morphological opening and connected components above MIN_AREA_FRACTION; each one's largest outer contour.
     """
-    work, px = _to_work(image)
     seg = segment_colors(work)
     min_area = MIN_AREA_FRACTION * work.shape[0] * work.shape[1]
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-    found = []
     for k, color in enumerate(COLOR_NAMES):
         m = (seg.labels == k).astype(np.uint8)
         if m.sum() < min_area:
@@ -153,13 +152,21 @@ def detect_shapes(image: Any) -> list[DetectedShape]:
             comp = np.pad((cc[y:y + h, x:x + w] == j).astype(np.uint8), 1)
             contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             contour = max(contours, key=cv2.contourArea)
-            if cv2.contourArea(contour) < min_area / 2:
-                continue
-            shape, score = classify_contour(contour)
-            filled = np.zeros_like(comp)
-            cv2.drawContours(filled, [contour], -1, 1, -1)
-            box = (x * px, y * px, (x + w) * px, (y + h) * px)
-            found.append(DetectedShape(shape, color, box, float(filled.sum()) * px * px, score))
+            if cv2.contourArea(contour) >= min_area / 2:
+                yield color, contour, (int(x), int(y), int(w), int(h))
+
+
+def detect_shapes(image: Any) -> list[DetectedShape]:
+    """All shapes in an RGB image (any size >= 32), sorted left to right: resize to WORK_SIZE, then
+    :func:`classify_contour` on each of :func:`_shape_contours`."""
+    work, px = _to_work(image)
+    found = []
+    for color, contour, (x, y, w, h) in _shape_contours(work):
+        shape, score = classify_contour(contour)
+        filled = np.zeros((h + 2, w + 2), np.uint8)
+        cv2.drawContours(filled, [contour], -1, 1, -1)
+        box = (x * px, y * px, (x + w) * px, (y + h) * px)
+        found.append(DetectedShape(shape, color, box, float(filled.sum()) * px * px, score))
     return sorted(found, key=lambda d: (d.box[0], d.box[1]))
 
 
@@ -338,3 +345,60 @@ def binomial_p_value(matches: int, bits: int) -> float:
     if not 0 <= matches <= bits:
         raise ValueError("need 0 <= matches <= bits")
     return sum(math.comb(bits, k) for k in range(matches, bits + 1)) / 2**bits
+
+
+# --------------------------------------------------------------------------- control fidelity
+
+
+def shape_class_mask(image: Any) -> np.ndarray:
+    """Semantic class mask (H x W int64, 0 = background, k = ``SHAPES[k - 1]``) of an RGB image, by the checker.
+
+    The analytic counterpart of a scene's ground-truth ``mask`` (what the ``segmentation`` condition colour-codes):
+    the checker's own shape candidates (:func:`_shape_contours`, classified by :func:`classify_contour`), each
+    filled outer contour painted with its shape's class id (larger ones first, so a smaller shape on top keeps its
+    pixels), then brought back to the input size by a per-pixel majority vote (area-weighted).
+    """
+    from vistune.data.shapes import SHAPES
+
+    rgb = to_rgb_uint8(image)
+    work, _ = _to_work(rgb)
+    pieces = []
+    for _, contour, (x, y, _, _) in _shape_contours(work):
+        filled = np.zeros(work.shape[:2], np.uint8)
+        cv2.drawContours(filled, [contour], -1, 1, -1, offset=(x - 1, y - 1))
+        pieces.append((int(filled.sum()), filled.astype(bool), SHAPES.index(classify_contour(contour)[0]) + 1))
+    labels = np.zeros(work.shape[:2], np.uint8)
+    for _, filled, label in sorted(pieces, key=lambda p: -p[0]):
+        labels[filled] = label
+    h, w = rgb.shape[:2]
+    if (h, w) == labels.shape:
+        return labels.astype(np.int64)
+    # majority vote of the work pixels under each input pixel (area-weighted one-hot, argmax)
+    votes = np.stack([cv2.resize((labels == k).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+                      for k in range(len(SHAPES) + 1)])
+    return votes.argmax(0).astype(np.int64)
+
+
+def shape_miou(image: Any, target_mask: Any) -> float:
+    """mIoU (background + the 4 shape classes, over classes present in either) of :func:`shape_class_mask` of
+    ``image`` against a ground-truth class mask of the same size."""
+    from vistune.data.shapes import SHAPES
+
+    target = _np(target_mask)
+    pred = shape_class_mask(image)
+    if pred.shape != target.shape:
+        raise ValueError(f"image is {pred.shape[0]}x{pred.shape[1]} but the mask is {target.shape}")
+    return mean_iou(pred, target, num_classes=len(SHAPES) + 1)
+
+
+def color_layout_error(image: Any, layout: Any, cell: int | None = None) -> float:
+    """Mean absolute RGB difference (0-255 grey levels) between the coarse colour layout of ``image``
+    (:func:`vistune.conditions.color` with ``cell``; default its 8 x 8 grid) and ``layout`` (a colour-layout condition map: H x W x 3
+    uint8 / float in [0, 1], or a 3 x H x W tensor in [0, 1], same size). 0 = the same layout; lower is better."""
+    from vistune.conditions import color
+
+    ours = color(to_rgb_uint8(image), cell=cell)[0].permute(1, 2, 0).numpy() * 255.0
+    reference = to_rgb_uint8(layout).astype(np.float32)
+    if ours.shape != reference.shape:
+        raise ValueError(f"image layout is {ours.shape} but the condition is {reference.shape}")
+    return float(np.abs(ours - reference).mean())
