@@ -291,10 +291,12 @@ def main(argv=None) -> int:
                     context = encode_prompts(tokenizer, text_encoder, captions)
                 if controlnet is None:
                     vistune.set_control(unet, control, name=args.tuner_name)
-                    loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator)
+                    loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
+                                          timestep_sampling=args.timestep_sampling)
                 else:
                     loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
-                                          controlnet=controlnet, controlnet_cond=control)
+                                          controlnet=controlnet, controlnet_cond=control,
+                                          timestep_sampling=args.timestep_sampling)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

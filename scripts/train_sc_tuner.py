@@ -209,7 +209,8 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     latents = encode_images(vae, pixels, generator)
                     context = encode_prompts(tokenizer, text_encoder, captions)
-                loss = denoising_loss(unet, noise_scheduler, latents, context, generator)
+                loss = denoising_loss(unet, noise_scheduler, latents, context, generator,
+                                      timestep_sampling=args.timestep_sampling)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

@@ -94,7 +94,7 @@ def test_controlnet_output_loads_with_from_pretrained(script, sd_folder, tmp_pat
 
     out = tmp_path / "controlnet"
     assert script.main(args_for(sd_folder, out, "--method", "controlnet", "--max_train_steps", "2",
-                                "--learning_rate", "1e-3", "--condition", "segmentation")) == 0
+                                "--learning_rate", "1e-3", "--condition", "segmentation", "--timestep_sampling", "cubic")) == 0
     controlnet = ControlNetModel.from_pretrained(out, subfolder="controlnet")
     assert list(controlnet.config.conditioning_embedding_out_channels) == [16, 32]  # one downsample: the tiny VAE's 2
     assert any(block.weight.abs().sum() > 0 for block in controlnet.controlnet_down_blocks)  # zero convs trained
@@ -157,3 +157,17 @@ def test_resume_with_another_condition_is_refused(script, sd_folder, tmp_path):
     assert script.main(args_for(sd_folder, out, *SMALL, "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
     with pytest.raises(ValueError, match="--condition canny, not --condition color"):
         script.main(args_for(sd_folder, out, *SMALL, "--condition", "color", "--resume_from_checkpoint", "latest"))
+
+
+def test_cubic_timestep_sampling_favours_high_noise():
+    from vistune.sd_training import sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(1000, 20000, g, "uniform")
+    cubic = sample_timesteps(1000, 20000, g, "cubic")
+    assert 0 <= int(cubic.min()) and int(cubic.max()) <= 999
+    # P(t >= T/2) is 1/2 for uniform timesteps; for (1 - u^3) T it is P(u^3 <= 1/2) = 0.5^(1/3) = 0.794
+    assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.02
+    assert abs((cubic >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.02
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        sample_timesteps(1000, 4, g, "beta")
