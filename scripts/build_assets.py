@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--vae_latent_channels", type=int, default=4)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
+    p.add_argument("--vae_plain_share", type=float, default=0.2,
+                   help="share of plain scenes in the VAE data (the rest cycles the other styles)")
+    p.add_argument("--vae_edge_weight", type=float, default=0.0,
+                   help="weight of an L1 loss on image gradients (sharper corners and star points)")
     p.add_argument("--sd_steps", type=int, default=2800)
     p.add_argument("--sd_batch_size", type=int, default=128)
     p.add_argument("--sd_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
@@ -152,6 +156,8 @@ def stage_vae(args, accelerator, images) -> dict:
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        if args.vae_edge_weight:
+            loss = loss + args.vae_edge_weight * gradient_l1(recon, x)
         return _optimize(loss, optimizer, accelerator)
 
     started = time.perf_counter()
@@ -167,6 +173,23 @@ def stage_vae(args, accelerator, images) -> dict:
     psnr = 10 * math.log10(4.0 / mse)
     return {"vae_final_loss": loss, "vae_recon_psnr_db": psnr, "vae_checker_ceiling": vae_checker_ceiling(vae, args.seed),
             "vae_seconds": time.perf_counter() - started}
+
+
+def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 distance between horizontal and vertical finite differences: penalises blurred edges and corners."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(a), dx(b)) + F.l1_loss(dy(a), dy(b))
+
+
+def vae_styles(plain_share: float) -> tuple[str, ...]:
+    """A style cycle with ``plain_share`` plain scenes (to 1%), the rest spread evenly over the other styles."""
+    if not 0 <= plain_share <= 1:
+        raise ValueError(f"--vae_plain_share must be in [0, 1], got {plain_share}")
+    others = [s for s in STYLES if s != "plain"]
+    plain = round(100 * plain_share)
+    cycle = ["plain"] * plain + [others[i % len(others)] for i in range(100 - plain)]
+    return tuple(cycle[i] for i in np.argsort([(i * 0.6180339887) % 1 for i in range(100)]))  # interleaved
 
 
 def vae_checker_ceiling(vae, seed: int, count: int = 300) -> float:
@@ -369,7 +392,7 @@ def main(argv=None) -> int:
     if "tokenizer" in stages:
         stage_tokenizer(args)
     if "vae" in stages:  # the autoencoder sees every style, so tuners can later adapt toward any of them
-        images, _ = shapes_data(args.num_images, args.seed + 100, SD_RES, styles=STYLES)
+        images, _ = shapes_data(args.num_images, args.seed + 100, SD_RES, styles=vae_styles(args.vae_plain_share))
         report.update(stage_vae(args, accelerator, images))
     if "sd" in stages:  # the text-to-image model learns the plain world, without the held-out pairs
         images, captions = shapes_data(args.num_images, args.seed, SD_RES)

@@ -19,7 +19,7 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     argv = ["--output_dir", str(out), "--work_dir", str(work), "--stages", "tokenizer,vae,sd,vit",
             "--num_images", "48", "--vae_steps", "2", "--sd_steps", "3", "--sd_batch_size", "4",
             "--vit_steps", "2", "--vit_images", "40", "--checkpointing_steps", "2", "--sd_eval_steps", "2",
-            "--vae_latent_channels", "8"]
+            "--vae_latent_channels", "8", "--vae_plain_share", "0.5", "--vae_edge_weight", "1.0"]
     assert build.main(argv) == 0
     assert {p.name for p in (work / "sd").iterdir()} == {"checkpoint-2", "checkpoint-3"}
     report = json.loads((out / "build_report.json").read_text())
@@ -45,3 +45,22 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     # a second run resumes from the stage's last checkpoint instead of starting over
     assert build.main(argv[:5] + ["sd", *argv[6:], "--sd_steps", "4", "--resume"]) == 0
     assert (work / "sd" / "checkpoint-4").is_dir()
+
+
+def test_vae_style_mix_and_edge_loss():
+    from collections import Counter
+
+    build = load_script("build_assets")
+    counts = Counter(build.vae_styles(0.5))
+    assert counts["plain"] == 50 and sum(counts.values()) == 100 and len(counts) == 5
+    assert max(v for k, v in counts.items() if k != "plain") - min(v for k, v in counts.items() if k != "plain") <= 1
+    assert set(build.vae_styles(1.0)) == {"plain"}
+    with pytest.raises(ValueError, match="vae_plain_share"):
+        build.vae_styles(1.5)
+
+    square = torch.zeros(1, 3, 16, 16)
+    square[..., 4:12, 4:12] = 1.0
+    blurred = torch.nn.functional.avg_pool2d(square, 3, stride=1, padding=1)
+    assert build.gradient_l1(square, square) == 0
+    # same mean colour, softer edges: the pixel L1 barely sees it, the gradient loss does
+    assert build.gradient_l1(blurred, square) > 2 * torch.nn.functional.l1_loss(blurred, square)
