@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .runner import environment, measure_training, suite_main, sweep
-from .sc import CONFIGS, _build_unet
+from .runner import measure_training, suite_main
+from .sc import _build_unet, add_unet_arguments, run_unet_suite
 
 METHODS = ("controlnet", "csc", "csc_1x1")
 #: Targets of the CSC issue: trainable params and peak memory (batch 4) as fractions of ControlNet's.
@@ -133,22 +133,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def run(batch_sizes=(1, 4), steps: int = 2, warmup: int = 1, latent: int | None = None, config: str = "sd15",
         methods=METHODS, output_dir: str = "benchmarks/results", name: str = "csc", log=print) -> list[dict[str, Any]]:
     """Measure every (method, batch size) in its own subprocess; write ``<name>.json`` and ``<name>.md``."""
-    cuda = torch.cuda.is_available()
-    latent = latent or (64 if cuda else 32)
-    meta = {"config": config, "latent": latent, "steps": steps, "warmup": warmup,
-            "env": environment(torch.device("cuda" if cuda else "cpu"))}
-    base = {"latent": latent, "steps": steps, "warmup": warmup, "config": config}
-    return sweep("vistune.bench.csc", methods, batch_sizes, base, meta, ratios, markdown, output_dir, name, log)
+    return run_unet_suite("vistune.bench.csc", ratios, markdown, batch_sizes, steps, warmup, latent, config, methods,
+                          output_dir, name, log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per case (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--latent", type=int, default=None, help="latent size (default: 64 on CUDA, 32 on CPU)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--output-dir", default="benchmarks/results")
+    add_unet_arguments(parser, METHODS, steps=2)
 
 
 def run_from_args(args: argparse.Namespace) -> None:

@@ -104,25 +104,39 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(batch_sizes=(1, 4), steps: int = 3, warmup: int = 1, latent: int | None = None, config: str = "sd15",
-        methods=METHODS, output_dir: str = "benchmarks/results", name: str = "sc", log=print) -> list[dict[str, Any]]:
-    """Measure every (method, batch size) in its own subprocess; write ``<name>.json`` and ``<name>.md``."""
+def run_unet_suite(module: str, ratios, markdown, batch_sizes=(1, 4), steps: int = 3, warmup: int = 1,
+                   latent: int | None = None, config: str = "sd15", methods=METHODS,
+                   output_dir: str = "benchmarks/results", name: str = "sc", log=print) -> list[dict[str, Any]]:
+    """A U-Net suite (this one, ``csc``): every (method, batch size) of ``module`` in its own subprocess at the
+    ``config`` U-Net and ``latent`` size; writes ``<name>.json`` and ``<name>.md``."""
     cuda = torch.cuda.is_available()
     latent = latent or (64 if cuda else 32)
     meta = {"config": config, "latent": latent, "steps": steps, "warmup": warmup,
             "env": environment(torch.device("cuda" if cuda else "cpu"))}
     base = {"latent": latent, "steps": steps, "warmup": warmup, "config": config}
-    return sweep("vistune.bench.sc", methods, batch_sizes, base, meta, ratios, markdown, output_dir, name, log)
+    return sweep(module, methods, batch_sizes, base, meta, ratios, markdown, output_dir, name, log)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_unet_arguments(parser: argparse.ArgumentParser, methods=METHODS, steps: int = 3) -> None:
+    """The command-line options of a U-Net suite (:func:`run_unet_suite`)."""
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after warm-up)")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per case (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--latent", type=int, default=None, help="latent size (default: 64 on CUDA, 32 on CPU)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=methods, default=list(methods))
     parser.add_argument("--output-dir", default="benchmarks/results")
+
+
+def run(batch_sizes=(1, 4), steps: int = 3, warmup: int = 1, latent: int | None = None, config: str = "sd15",
+        methods=METHODS, output_dir: str = "benchmarks/results", name: str = "sc", log=print) -> list[dict[str, Any]]:
+    """Measure every (method, batch size) in its own subprocess; write ``<name>.json`` and ``<name>.md``."""
+    return run_unet_suite("vistune.bench.sc", ratios, markdown, batch_sizes, steps, warmup, latent, config, methods,
+                          output_dir, name, log)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_unet_arguments(parser, METHODS, steps=3)
 
 
 def run_from_args(args: argparse.Namespace) -> None:
