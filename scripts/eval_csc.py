@@ -44,6 +44,7 @@ import torch
 from vistune.assets import asset_path
 from vistune.bench.runner import write_results
 from vistune.conditions import canny, color
+from vistune.core.serialization import atomic_write
 from vistune.data import ShapesDataset
 from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
 from vistune.sd_training import ConditionedDataset
@@ -307,9 +308,10 @@ def save_grid(grids: dict[str, np.ndarray], path: Path, columns: int = 8, zoom: 
         rows.append(np.concatenate([label, strip], axis=1))
     width = max(r.shape[1] for r in rows)
     grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
-    partial = path.with_name(path.stem + ".partial.png")
-    cv2.imwrite(str(partial), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    partial.replace(path)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"could not encode the grid image for {path}")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(png.tobytes()))
 
 
 def main(argv=None) -> int:

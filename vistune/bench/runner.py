@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..core.serialization import atomic_write
+
 
 def run_case(module: str, case: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     """Run ``python -m <module> --case '<json>'`` and return the JSON object it prints last."""
@@ -138,9 +140,7 @@ def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], table: str, 
     output_dir.mkdir(parents=True, exist_ok=True)
     for path, text in ((output_dir / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2)),
                        (output_dir / f"{name}.md", table)):
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text + "\n")
-        os.replace(partial, path)  # a reader never sees half a table
+        atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text + "\n"))  # never half a table
     return output_dir / f"{name}.json"
 
 
