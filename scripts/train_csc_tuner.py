@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -48,7 +47,7 @@ from vistune.sd_training import (
     check_training_arguments,
     ConditionedDataset,
     TrainableState,
-    batch_indices,
+    backward_and_step,
     check_sd_folder,
     controlnet_embedding_channels,
     denoising_loss,
@@ -57,9 +56,11 @@ from vistune.sd_training import (
     load_sd_components,
     make_control_batch,
     publish,
+    finish_step,
+    micro_batch_indices,
     step_generator,
 )
-from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vistune.training import load_checkpoint, resolve_checkpoint
 
 METHODS = ("csc", "controlnet")
 
@@ -271,16 +272,14 @@ def main(argv=None) -> int:
                       f"processes x {args.gradient_accumulation_steps} accumulation")
     validation_control = dataset[0]["control"][None].to(accelerator.device)
 
-    per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
                     desc="Steps", disable=not accelerator.is_local_main_process)
     for step in progress:
         step_loss = 0.0
         for micro in range(args.gradient_accumulation_steps):
             generator = step_generator(args.seed, step, micro, accelerator.process_index)
-            start = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * args.train_batch_size
             pixels, captions, control = make_control_batch(
-                dataset, batch_indices(args.seed, start, args.train_batch_size, len(dataset)), generator, args.random_flip)
+                dataset, micro_batch_indices(args, accelerator, step, micro, len(dataset)), generator, args.random_flip)
             if args.conditioning_dropout > 0:
                 drop = torch.rand(len(captions), generator=generator) < args.conditioning_dropout
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -297,27 +296,12 @@ def main(argv=None) -> int:
                     loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
                                           controlnet=controlnet, controlnet_cond=control,
                                           timestep_sampling=args.timestep_sampling)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(accelerator, loss, params, optimizer, args.max_grad_norm)
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
-        lr_scheduler.step()
         global_step = step + 1
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {global_step}; lower --learning_rate?")
-
+        finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
+                    extra={"seed": args.seed, "method": args.method, "condition": args.condition})
         if accelerator.is_main_process:
-            if global_step % args.checkpointing_steps == 0:
-                extra = {"seed": args.seed, "method": args.method, "condition": args.condition,
-                         "lr_scheduler": lr_scheduler.state_dict()}
-                path = save_checkpoint(output_dir, global_step, {"trainable": trained}, optimizer, extra=extra,
-                                       total_limit=args.checkpoints_total_limit)
-                accelerator.print(f"\nsaved {path}")
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet),
                                None if controlnet is None else accelerator.unwrap_model(controlnet),

@@ -41,7 +41,6 @@ function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterr
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 from pathlib import Path
@@ -63,7 +62,7 @@ from vistune.sd_training import (
     METHODS,
     TrainableState,
     add_trainable,
-    batch_indices,
+    backward_and_step,
     check_sd_folder,
     denoising_loss,
     encode_images,
@@ -71,9 +70,11 @@ from vistune.sd_training import (
     load_sd_components,
     make_batch,
     save_trained,
+    finish_step,
+    micro_batch_indices,
     step_generator,
 )
-from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vistune.training import load_checkpoint, resolve_checkpoint
 
 
 
@@ -195,15 +196,13 @@ def main(argv=None) -> int:
                       f"({args.method}); {args.max_train_steps} steps of {args.train_batch_size} x "
                       f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")
 
-    per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
                     desc="Steps", disable=not accelerator.is_local_main_process)
     for step in progress:
         step_loss = 0.0
         for micro in range(args.gradient_accumulation_steps):
             generator = step_generator(args.seed, step, micro, accelerator.process_index)
-            start = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * args.train_batch_size
-            pixels, captions = make_batch(dataset, batch_indices(args.seed, start, args.train_batch_size, len(dataset)),
+            pixels, captions = make_batch(dataset, micro_batch_indices(args, accelerator, step, micro, len(dataset)),
                                           generator, args.random_flip)
             with accelerator.accumulate(unet):
                 with torch.no_grad():
@@ -211,26 +210,12 @@ def main(argv=None) -> int:
                     context = encode_prompts(tokenizer, text_encoder, captions)
                 loss = denoising_loss(unet, noise_scheduler, latents, context, generator,
                                       timestep_sampling=args.timestep_sampling)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(accelerator, loss, params, optimizer, args.max_grad_norm)
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
-        lr_scheduler.step()
         global_step = step + 1
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {global_step}; lower --learning_rate?")
-
+        finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
+                    extra={"seed": args.seed, "method": args.method})
         if accelerator.is_main_process:
-            if global_step % args.checkpointing_steps == 0:
-                extra = {"seed": args.seed, "method": args.method, "lr_scheduler": lr_scheduler.state_dict()}
-                path = save_checkpoint(output_dir, global_step, {"trainable": trained}, optimizer, extra=extra,
-                                       total_limit=args.checkpoints_total_limit)
-                accelerator.print(f"\nsaved {path}")
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet), accelerator, global_step,
                                f"step-{global_step:06d}")

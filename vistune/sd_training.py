@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import shutil
 import uuid
@@ -303,6 +304,14 @@ def batch_indices(seed: int, sample: int, batch_size: int, dataset_size: int) ->
     return out
 
 
+def micro_batch_indices(args: argparse.Namespace, accelerator: Any, step: int, micro: int, dataset_size: int) -> list[int]:
+    """Dataset indices of this process's micro-batch ``micro`` of optimizer step ``step``: every (step, micro-batch,
+    process) reads its own slice of the seeded epoch order (:func:`batch_indices`)."""
+    per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    start = step * per_step + (micro * accelerator.num_processes + accelerator.process_index) * args.train_batch_size
+    return batch_indices(args.seed, start, args.train_batch_size, dataset_size)
+
+
 def make_batch(
     dataset: Any, indices: Iterable[int], generator: torch.Generator | None = None, random_flip: bool = False
 ) -> tuple[torch.Tensor, list[str]]:
@@ -392,6 +401,35 @@ def denoising_loss(
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, **extra).sample
     return F.mse_loss(prediction.float(), target.float())
+
+
+def backward_and_step(accelerator: Any, loss: torch.Tensor, params: Sequence[torch.Tensor], optimizer: Any,
+                      max_grad_norm: float) -> None:
+    """Inside ``accelerator.accumulate``: backward, clip the gradients when they sync (``max_grad_norm > 0``), step."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def finish_step(args: argparse.Namespace, accelerator: Any, progress: Any, lr_scheduler: Any, optimizer: Any,
+                trained: nn.Module, step_loss: float, global_step: int, output_dir: Path, extra: dict) -> None:
+    """After an optimizer step: advance the schedule, show and log loss and lr, stop on a non-finite loss, and (main
+    process) save a checkpoint of ``trained`` every ``--checkpointing_steps`` with ``extra`` and the scheduler."""
+    from .training import save_checkpoint
+
+    lr_scheduler.step()
+    lr = lr_scheduler.get_last_lr()[0]
+    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+    accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
+    if not math.isfinite(step_loss):
+        raise FloatingPointError(f"loss is {step_loss} at step {global_step}; lower --learning_rate?")
+    if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
+        path = save_checkpoint(output_dir, global_step, {"trainable": trained}, optimizer,
+                               extra={**extra, "lr_scheduler": lr_scheduler.state_dict()},
+                               total_limit=args.checkpoints_total_limit)
+        accelerator.print(f"\nsaved {path}")
 
 
 # ----------------------------------------------------------------------------------------------- control images
