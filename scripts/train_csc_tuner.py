@@ -48,6 +48,7 @@ from vistune.sd_training import (
     ConditionedDataset,
     TrainableState,
     backward_and_step,
+    begin_training,
     check_sd_folder,
     controlnet_embedding_channels,
     denoising_loss,
@@ -60,7 +61,7 @@ from vistune.sd_training import (
     micro_batch_indices,
     step_generator,
 )
-from vistune.training import load_checkpoint, resolve_checkpoint
+from vistune.training import resolve_checkpoint
 
 METHODS = ("csc", "controlnet")
 
@@ -253,19 +254,7 @@ def main(argv=None) -> int:
         trained = TrainableState(accelerator.unwrap_model(controlnet))
         trained_module = controlnet
 
-    first_step = 0
-    if resume is not None:
-        state = load_checkpoint(resume, {"trainable": trained}, optimizer)
-        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
-        first_step = state["step"]
-        accelerator.print(f"resumed from {resume} at step {first_step}")
-    elif args.resume_from_checkpoint == "latest":
-        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
-
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers("train_csc_tuner", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                             for k, v in vars(args).items()})
+    first_step = begin_training(args, accelerator, "train_csc_tuner", resume, trained, optimizer, lr_scheduler, output_dir)
     accelerator.print(f"{len(dataset)} training images, condition {args.condition}; "
                       f"{sum(p.numel() for p in params):,d} trainable parameters ({args.method}); "
                       f"{args.max_train_steps} steps of {args.train_batch_size} x {accelerator.num_processes} "

@@ -63,6 +63,7 @@ from vistune.sd_training import (
     TrainableState,
     add_trainable,
     backward_and_step,
+    begin_training,
     check_sd_folder,
     denoising_loss,
     encode_images,
@@ -74,7 +75,7 @@ from vistune.sd_training import (
     micro_batch_indices,
     step_generator,
 )
-from vistune.training import load_checkpoint, resolve_checkpoint
+from vistune.training import resolve_checkpoint
 
 
 
@@ -179,19 +180,7 @@ def main(argv=None) -> int:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     trained = TrainableState(accelerator.unwrap_model(unet))
 
-    first_step = 0
-    if resume is not None:
-        state = load_checkpoint(resume, {"trainable": trained}, optimizer)
-        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
-        first_step = state["step"]
-        accelerator.print(f"resumed from {resume} at step {first_step}")
-    elif args.resume_from_checkpoint == "latest":
-        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
-
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers("train_sc_tuner", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                            for k, v in vars(args).items()})
+    first_step = begin_training(args, accelerator, "train_sc_tuner", resume, trained, optimizer, lr_scheduler, output_dir)
     accelerator.print(f"{len(dataset)} training images; {sum(p.numel() for p in params):,d} trainable parameters "
                       f"({args.method}); {args.max_train_steps} steps of {args.train_batch_size} x "
                       f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")

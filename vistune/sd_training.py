@@ -403,6 +403,27 @@ def denoising_loss(
     return F.mse_loss(prediction.float(), target.float())
 
 
+def begin_training(args: argparse.Namespace, accelerator: Any, project: str, resume: Path | None, trained: nn.Module,
+                   optimizer: Any, lr_scheduler: Any, output_dir: Path) -> int:
+    """Restore ``trained``, the optimizer and the schedule from ``resume`` (if any), create ``output_dir`` and start
+    the trackers (main process); returns the first step to run (the counterpart of :func:`finish_step`)."""
+    from .training import load_checkpoint
+
+    first_step = 0
+    if resume is not None:
+        state = load_checkpoint(resume, {"trainable": trained}, optimizer)
+        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
+        first_step = state["step"]
+        accelerator.print(f"resumed from {resume} at step {first_step}")
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers(project, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                   for k, v in vars(args).items()})
+    return first_step
+
+
 def backward_and_step(accelerator: Any, loss: torch.Tensor, params: Sequence[torch.Tensor], optimizer: Any,
                       max_grad_norm: float) -> None:
     """Inside ``accelerator.accumulate``: backward, clip the gradients when they sync (``max_grad_norm > 0``), step."""
