@@ -31,7 +31,7 @@ from vistune.assets import asset_path
 from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain
 from vistune.metrics import caption_fidelity
-from vistune.sd_training import LORA_WEIGHT_NAME
+from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
 METHODS = ("sc", "lora", "full")
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full_learning_rate", type=float, default=None,
                    help="learning rate for full fine-tuning (default: --learning_rate / 10, its usual setting)")
     p.add_argument("--lora_rank", type=int, default=4, help="4: about SC-Tuner's trainable parameters on the tiny U-Net")
+    p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
+                   help="training timesteps: uniform (the SD recipe) or cubic (biased to high noise, where layout and colour form)")
     p.add_argument("--num_train_images", type=int, default=1000)
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +66,7 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
                "--resolution", str(resolution),
                "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
                "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
-               "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+               "--timestep_sampling", args.timestep_sampling, "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     return time.perf_counter() - started
@@ -108,7 +110,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Style adaptation of the shipped tiny SD to '{meta['style']}'",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
-        f"(full fine-tuning {meta['full_learning_rate']:g}), seed {meta['seed']}, {meta['train_images']} training scenes; "
+        f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps, seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
         f"score {meta['style_target']:.3f}. Train time is wall clock on the machine as it was shared during the run.",
         "",
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     meta = {"style": args.style, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
-            "lora_rank": args.lora_rank}
+            "lora_rank": args.lora_rank, "timestep_sampling": args.timestep_sampling}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, f"sc_adaptation_{args.style}")
     first = [images[i] for images in grids.values() for i in range(0, len(images), args.images_per_prompt)]

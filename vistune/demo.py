@@ -106,6 +106,7 @@ def run_demo(
     batch_size: int = 32,
     learning_rate: float = 3e-4,
     num_train_images: int = 512,
+    images_per_prompt: int = 4,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the demo; write ``before.png``, ``after.png``, the tuner (``tuner/``) and ``report.md``."""
@@ -120,8 +121,9 @@ def run_demo(
     log(f"vistune demo: adapting the shipped tiny Stable Diffusion (assets/tiny-sd-shapes, {size}x{size}) "
         f"to the '{style}' style with an SC-Tuner on {device}")
 
-    before = generate(pipe, PROMPTS, seed)
-    save_grid(before, 2 * 4, out / "before.png")
+    n = images_per_prompt
+    before = generate(pipe, PROMPTS, seed, n)
+    save_grid(before, 2 * n, out / "before.png")
     images, captions = style_domain(style, num_train_images, seed + 1000, size)
     reference, _ = style_domain(style, 64, seed + 2000, size)
     with torch.no_grad():
@@ -130,21 +132,21 @@ def run_demo(
     target_value = mean_statistic(reference, style)
 
     tuner = core.attach(unet, SCTunerConfig(), name=style)
-    identity = same_images(generate(pipe, PROMPTS[:2], seed), before[:4])
+    identity = same_images(generate(pipe, PROMPTS[:2], seed, n), before[:2 * n])
     started = time.perf_counter()
     losses = train_on_latents(pipe, latents, context, steps, batch_size, learning_rate, seed, desc=f"SC-Tuner ({style})")
     train_seconds = time.perf_counter() - started
 
-    after = generate(pipe, PROMPTS, seed)
-    save_grid(after, 2 * 4, out / "after.png")
+    after = generate(pipe, PROMPTS, seed, n)
+    save_grid(after, 2 * n, out / "after.png")
     tuner_dir = core.save_tuners(unet, out / "tuner")
     reloaded = load_tiny_sd().to(device)
     core.load_tuners(reloaded.unet, tuner_dir)
-    round_trip = same_images(generate(reloaded, PROMPTS[:2], seed), after[:4])
+    round_trip = same_images(generate(reloaded, PROMPTS[:2], seed, n), after[:2 * n])
     with core.disabled(unet):
-        scale_zero = same_images(generate(pipe, PROMPTS[:2], seed), before[:4])
+        scale_zero = same_images(generate(pipe, PROMPTS[:2], seed, n), before[:2 * n])
 
-    prompts = [p for p in PROMPTS for _ in range(2)]
+    prompts = [p for p in PROMPTS for _ in range(n)]
     base_value, tuned_value = mean_statistic(before, style), mean_statistic(after, style)
     result = {
         "device": str(device),
@@ -153,6 +155,7 @@ def run_demo(
         "unet_params": sum(p.numel() for n, p in unet.named_parameters() if not n.startswith(core.model.CONTAINER_NAME)),
         "steps": steps,
         "batch_size": batch_size,
+        "images_per_prompt": n,
         "train_seconds": train_seconds,
         "loss_first": float(np.mean(losses[:20])),
         "loss_last": float(np.mean(losses[-20:])),
@@ -182,7 +185,7 @@ def _write_report(out: Path, r: dict) -> None:
 The shipped tiny Stable Diffusion (`assets/tiny-sd-shapes`, trained on plain shapes-world scenes) with an
 SC-Tuner trained on the **{r['style']}** style domain; captions in training do not name the style. Measured on
 {r['device']} with the analytic checker and style statistic of `vistune.metrics` / `vistune.data`
-({len(PROMPTS)} prompts x 2 images, {SAMPLING_STEPS} DDIM steps, guidance {GUIDANCE}).
+({len(PROMPTS)} prompts x {r['images_per_prompt']} images, {SAMPLING_STEPS} DDIM steps, guidance {GUIDANCE}).
 
 | measure | base | SC-Tuner |
 |---|---|---|
@@ -200,7 +203,7 @@ SC-Tuner trained on the **{r['style']}** style domain; captions in training do n
 | scale 0 reproduces the base images exactly | {yes[r['scale_zero_is_base']]} |
 | saved tuner reloaded into a fresh pipeline reproduces the images exactly | {yes[r['save_load_exact']]} |
 
-Before (base model), two images per prompt, prompts in order:
+Before (base model), {r['images_per_prompt']} images per prompt, prompts in order:
 
 ![before](before.png)
 

@@ -57,7 +57,7 @@ def video_watermark_loss(
     alpha_frame: float = 1.0,
     alpha_video: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """VidSig's objective for ``(N, T, 4, h, w)`` latents and ``(N, T, 3, H, W)`` reference frames:
+    """VidSig's objective for ``(N, T, C, h, w)`` latents and ``(N, T, 3, H, W)`` reference frames:
     ``lambda_w (alpha_frame BCE(W(x_t), key) + alpha_video BCE(mean_t W(x_t), key)) + lambda_i L_img + lambda_t L_t``."""
     n, t = latents.shape[:2]
     xw = (vae.decode(latents.flatten(0, 1)).sample / 2 + 0.5).clamp(0, 1)
