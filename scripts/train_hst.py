@@ -49,7 +49,7 @@ from vistune.core.serialization import atomic_write
 from vistune.data.dense import ClassificationFolder, CocoDetection, SegmentationFolder, ShapesTaskDataset, dense_collate
 from vistune.dense import METHODS, TASKS, build_task_model, create_vit, evaluate_task, save_task_model
 from vistune.dense.heads import DETECTORS
-from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.hst import HSTConfig
 
 DEFAULT_LR = {"hst": 1e-2, "linear": 1e-3, "lora": 1e-3, "full": 1e-4}
@@ -179,12 +179,7 @@ def main(argv=None) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
 
-    first_step = 0
-    if resume is not None:
-        state = load_checkpoint(resume, {"model": inner}, optimizer)
-        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
-        first_step = state["step"]
-        accelerator.print(f"resumed from {resume} at step {first_step}")
+    first_step = resume_training(resume, {"model": inner}, optimizer, lr_scheduler, accelerator.print)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.print(f"{args.task} / {args.method}: {len(train)} training examples, {num_classes} classes, "

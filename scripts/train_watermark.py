@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from vistune.core.model import get_tuner
 from vistune.core.serialization import atomic_write, save_tuners
 from vistune.sd_training import batch_indices, step_generator
-from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.watermark import WatermarkConfig, WatermarkKey, load_extractor, pas_select, pas_sensitivity
 from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack
 from vistune.tuners.watermark.data import decode_latents, encode_latents, shapes_images
@@ -187,12 +187,7 @@ def main(argv=None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     vae, optimizer = accelerator.prepare(vae, optimizer)
     attack = RandomAttack(args.train_attacks) if args.train_attacks else None
-    first_step = 0
-    if resume is not None:
-        state = load_checkpoint(resume, {"tuner": tuner}, optimizer)
-        scheduler.load_state_dict(state["extra"]["lr_scheduler"])
-        first_step = state["step"]
-        accelerator.print(f"resumed from {resume} at step {first_step}")
+    first_step = resume_training(resume, {"tuner": tuner}, optimizer, scheduler, accelerator.print)
     accelerator.print(f"{len(latents)} training {'clips' if args.video else 'images'}; {sum(p.numel() for p in params):,d} tuned decoder parameters "
                       f"({len(tuner.tuned)} layers); key {key.to_string()}")
     key_tensor = key.tensor(device)

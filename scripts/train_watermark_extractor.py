@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from vistune.core.serialization import atomic_write
 from vistune.sd_training import batch_indices, step_generator
-from vistune.training import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack, quantize_straight_through
 from vistune.tuners.watermark.data import clean_images
 from vistune.tuners.watermark.hidden import ExtractorConfig, HiddenEncoder, HiddenExtractor, save_extractor, whiten
@@ -125,10 +125,7 @@ def main(argv=None) -> int:
 
     accelerator.print(f"rendering {args.num_train_images} training images ...")
     images = clean_images(args.num_train_images, args.seed, args.resolution, vae)
-    first_step = 0
-    if resume is not None:
-        first_step = load_checkpoint(resume, {"models": accelerator.unwrap_model(models)}, optimizer)["step"]
-        accelerator.print(f"resumed from {resume} at step {first_step}")
+    first_step = resume_training(resume, {"models": accelerator.unwrap_model(models)}, optimizer, log=accelerator.print)
     output_dir = Path(args.output_dir)
     progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
                     desc="Steps", disable=not accelerator.is_local_main_process)

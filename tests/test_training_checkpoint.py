@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from vistune import CheckpointError
-from vistune.training import latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from vistune.training import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    resume_training,
+    save_checkpoint,
+)
 
 
 def make():
@@ -36,6 +43,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     for got, want in zip(model.parameters(), expected):
         assert torch.equal(got, want)
     assert {f.suffix for f in (tmp_path / "checkpoint-4").iterdir()} == {".safetensors", ".json"}
+
+
+
+def test_resume_training_restores_the_schedule_and_returns_the_next_step(tmp_path):
+    model, optimizer = make()
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    assert resume_training(None, {"model": model}, optimizer, schedule) == 0  # a fresh run starts at step 0
+    for _ in range(5):
+        train(model, optimizer, 1)
+        schedule.step()
+    save_checkpoint(tmp_path, 5, {"model": model}, optimizer, extra={"lr_scheduler": schedule.state_dict()})
+
+    model, optimizer = make()
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    logged = []
+    assert resume_training(tmp_path / "checkpoint-5", {"model": model}, optimizer, schedule, logged.append) == 5
+    assert schedule.last_epoch == 5 and optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
+    assert logged == [f"resumed from {tmp_path / 'checkpoint-5'} at step 5"]
 
 
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):

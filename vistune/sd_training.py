@@ -407,15 +407,10 @@ def begin_training(args: argparse.Namespace, accelerator: Any, project: str, res
                    optimizer: Any, lr_scheduler: Any, output_dir: Path) -> int:
     """Restore ``trained``, the optimizer and the schedule from ``resume`` (if any), create ``output_dir`` and start
     the trackers (main process); returns the first step to run (the counterpart of :func:`finish_step`)."""
-    from .training import load_checkpoint
+    from .training import resume_training
 
-    first_step = 0
-    if resume is not None:
-        state = load_checkpoint(resume, {"trainable": trained}, optimizer)
-        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
-        first_step = state["step"]
-        accelerator.print(f"resumed from {resume} at step {first_step}")
-    elif args.resume_from_checkpoint == "latest":
+    first_step = resume_training(resume, {"trainable": trained}, optimizer, lr_scheduler, accelerator.print)
+    if resume is None and args.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

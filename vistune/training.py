@@ -131,3 +131,22 @@ def load_checkpoint(
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(safetensors.torch.load_file(str(path / "rng.safetensors"))["torch"])
     return {"step": record["step"], "extra": record["extra"]}
+
+
+def resume_training(
+    resume: str | Path | None,
+    models: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any = None,
+    log: Any = print,
+) -> int:
+    """Restore a run from ``resume`` (a checkpoint folder, or ``None`` for a fresh run) with :func:`load_checkpoint`,
+    plus the learning-rate schedule the training scripts save under ``extra["lr_scheduler"]``; returns the first
+    step to run."""
+    if resume is None:
+        return 0
+    state = load_checkpoint(resume, models, optimizer)
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(state["extra"]["lr_scheduler"])
+    log(f"resumed from {resume} at step {state['step']}")
+    return state["step"]
