@@ -47,7 +47,7 @@ from vistune.conditions import canny, color
 from vistune.core.serialization import atomic_write
 from vistune.data import ShapesDataset
 from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
-from vistune.sd_training import ConditionedDataset
+from vistune.sd_training import TIMESTEP_SAMPLINGS, ConditionedDataset
 
 SCRIPT = Path(__file__).with_name("train_csc_tuner.py")
 METHODS = ("csc", "csc_1x1", "controlnet")
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--conditioning_dropout", type=float, default=0.1)
-    p.add_argument("--timestep_sampling", default="cubic", choices=["uniform", "cubic"],
+    p.add_argument("--timestep_sampling", default="cubic", choices=TIMESTEP_SAMPLINGS,
                    help="training timesteps for every method (cubic: biased to high noise, learns control sooner)")
     p.add_argument("--num_train_images", type=int, default=2000)
     p.add_argument("--num_eval_scenes", type=int, default=64)

@@ -9,7 +9,8 @@ seed; a fresh subprocess each), loaded back the way users load it (``load_tuners
 ``UNet2DConditionModel.from_pretrained``), and measured with the analytic metrics on the same seeded prompts:
 
 * style statistic of the target domain (``vistune.data.style_statistic``) and the share of the gap from the base
-  model's value to real images of that style that the method closes;
+  model's value to real images of that style that the method closes; the same real images round-tripped through
+  the model's VAE give the ceiling (no U-Net tuner can output what the VAE cannot decode);
 * caption fidelity (every prompted colour and shape found by the checker) and its change from the base model.
 
 Writes ``<output_dir>/sc_adaptation_<style>.{json,md,png}`` (the grid: one image per prompt, a row per method).
@@ -29,7 +30,7 @@ import torch
 from vistune import core
 from vistune.assets import asset_path
 from vistune.bench.runner import write_results
-from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain
+from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
 from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS
 
@@ -49,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning rate for full fine-tuning (default: --learning_rate / 10, its usual setting)")
     p.add_argument("--lora_rank", type=int, default=4, help="4: about SC-Tuner's trainable parameters on the tiny U-Net")
     p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
-                   help="training timesteps: uniform (the SD recipe) or cubic (biased to high noise, where layout and colour form)")
+                   help="training timesteps: uniform (the SD recipe), cubic (biased to high noise, where layout and colour "
+                        "form) or cubic_low (biased to low noise)")
     p.add_argument("--num_train_images", type=int, default=1000)
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +114,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
         f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps, seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
-        f"score {meta['style_target']:.3f}. Train time is wall clock on the machine as it was shared during the run.",
+        f"score {meta['style_target']:.3f}; through the model's VAE (encode + decode) they score "
+        f"{meta['style_vae_ceiling']:.3f}, so no U-Net tuner can close more than {100 * meta['gap_ceiling']:.0f}% of the gap. "
+        "Train time is wall clock on the machine as it was shared during the run.",
         "",
         "| method | trainable params | style statistic | gap closed | caption fidelity | fidelity change | train time |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -138,6 +142,7 @@ def main(argv=None) -> int:
     size = pipe.vae.config.sample_size
     reference, _ = style_domain(args.style, 128, args.seed + 2000, size)
     target = mean_statistic(reference, args.style)
+    ceiling = mean_statistic(vae_round_trip(pipe.vae, reference), args.style)
 
     base_row, images = measure(args, pipe, prompts, target, None)
     rows = [{"method": "base", "trainable_params": 0, **base_row}]
@@ -154,7 +159,8 @@ def main(argv=None) -> int:
     meta = {"style": args.style, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
-            "lora_rank": args.lora_rank, "timestep_sampling": args.timestep_sampling}
+            "lora_rank": args.lora_rank, "timestep_sampling": args.timestep_sampling, "style_vae_ceiling": ceiling,
+            "gap_ceiling": (ceiling - base_row["style_statistic"]) / (target - base_row["style_statistic"])}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, f"sc_adaptation_{args.style}")
     first = [images[i] for images in grids.values() for i in range(0, len(images), args.images_per_prompt)]

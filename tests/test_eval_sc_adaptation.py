@@ -23,9 +23,28 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
     assert sc["trainable_params"] == 99_328  # SC-Tuner, ratio 1.0, on the shipped U-Net
     gap = (sc["style_statistic"] - base["style_statistic"]) / (record["meta"]["style_target"] - base["style_statistic"])
     assert sc["style_gap_closed"] == pytest.approx(gap)
+    meta = record["meta"]
+    ceiling = (meta["style_vae_ceiling"] - base["style_statistic"]) / (meta["style_target"] - base["style_statistic"])
+    assert meta["gap_ceiling"] == pytest.approx(ceiling)
     assert "| sc | 99,328 |" in (results / "sc_adaptation_pastel.md").read_text()
     # the trained tuner really is what gets measured: it changes the base model's images
     base_pipe = script.load_pipeline(asset_path("tiny-sd-shapes"))
     tuned_pipe = script.load_pipeline(asset_path("tiny-sd-shapes"), "sc", tmp_path / "work" / "sc")
     a, b = generate(base_pipe, ["a red circle on a white background"], 0, 1), generate(tuned_pipe, ["a red circle on a white background"], 0, 1)
     assert not np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_vae_round_trip_bounds_what_a_unet_tuner_can_reach():
+    from diffusers import AutoencoderKL
+
+    from vistune.demo import mean_statistic, style_domain, vae_round_trip
+
+    vae = AutoencoderKL.from_pretrained(asset_path("tiny-sd-shapes"), subfolder="vae")
+    pastel, _ = style_domain("pastel", 16, 0, 32)
+    out = vae_round_trip(vae, pastel, batch_size=5)
+    assert out.shape == pastel.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, pastel)  # really decoded, not passed through
+    # the shipped VAE keeps the pastel palette but blurs the 32 px stripe pattern away
+    assert abs(mean_statistic(out, "pastel") - mean_statistic(pastel, "pastel")) < 0.05
+    striped, _ = style_domain("striped", 16, 0, 32)
+    assert mean_statistic(vae_round_trip(vae, striped), "striped") < 0.5 * mean_statistic(striped, "striped")

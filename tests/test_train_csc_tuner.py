@@ -159,7 +159,7 @@ def test_resume_with_another_condition_is_refused(script, sd_folder, tmp_path):
         script.main(args_for(sd_folder, out, *SMALL, "--condition", "color", "--resume_from_checkpoint", "latest"))
 
 
-def test_cubic_timestep_sampling_favours_high_noise():
+def test_cubic_timestep_samplings_favour_high_or_low_noise():
     from vistune.sd_training import sample_timesteps
 
     g = torch.Generator().manual_seed(0)
@@ -169,5 +169,8 @@ def test_cubic_timestep_sampling_favours_high_noise():
     # P(t >= T/2) is 1/2 for uniform timesteps; for (1 - u^3) T it is P(u^3 <= 1/2) = 0.5^(1/3) = 0.794
     assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.02
     assert abs((cubic >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.02
+    low = sample_timesteps(1000, 20000, g, "cubic_low")  # the mirror: u^3 T, biased to low noise
+    assert 0 <= int(low.min()) and int(low.max()) <= 999
+    assert abs((low < 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.02
     with pytest.raises(ValueError, match="timestep_sampling"):
         sample_timesteps(1000, 4, g, "beta")

@@ -69,6 +69,22 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+@torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """N x H x W x 3 uint8 images encoded (posterior mean) and decoded by ``vae``, as uint8.
+
+    A text-to-image model can only output what its VAE decodes, so a style statistic measured on round-tripped
+    real images is the most any tuner of that model can reach (a thin outline or a stripe pattern the VAE
+    blurs away cannot be learned by tuning the U-Net)."""
+    device, dtype = vae.device, vae.dtype
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = to_pixels(images[i:i + batch_size]).to(device, dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float().clamp(-1, 1)
+        out.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def train_on_latents(pipe, latents: torch.Tensor, context: torch.Tensor, steps: int, batch_size: int = 32,
                      learning_rate: float = 3e-4, seed: int = 0, desc: str = "training") -> list[float]:
     """Train whatever requires grad in ``pipe.unet`` (e.g. an attached tuner) on (latent, text embedding) pairs

@@ -126,7 +126,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, output_dir: str, val
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
-                   help="cubic: t = (1 - u^3) T, biased to high noise (T2I-Adapter); teaches control sooner")
+                   help="cubic: t = (1 - u^3) T, biased to high noise (T2I-Adapter), teaches control sooner; "
+                        "cubic_low: t = u^3 T, biased to low noise")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
@@ -353,17 +354,19 @@ def prediction_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.
     raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon or v_prediction")
 
 
-TIMESTEP_SAMPLINGS = ("uniform", "cubic")
+TIMESTEP_SAMPLINGS = ("uniform", "cubic", "cubic_low")
 
 
 def sample_timesteps(num_train_timesteps: int, batch: int, generator: torch.Generator | None = None,
                      sampling: str = "uniform") -> torch.Tensor:
-    """``batch`` training timesteps in ``[0, num_train_timesteps)``: uniform, or ``cubic`` (``(1 - u^3) T``)."""
+    """``batch`` training timesteps in ``[0, num_train_timesteps)``: uniform, ``cubic`` (``(1 - u^3) T``, biased to
+    high noise) or ``cubic_low`` (``u^3 T``, its mirror, biased to low noise)."""
     if sampling == "uniform":
         return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
-    if sampling == "cubic":
-        u = torch.rand(batch, generator=generator)
-        return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    if sampling in ("cubic", "cubic_low"):
+        u3 = torch.rand(batch, generator=generator) ** 3
+        share = 1 - u3 if sampling == "cubic" else u3
+        return (share * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
     raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
 
 
@@ -380,7 +383,8 @@ def denoising_loss(
     """MSE between the U-Net's prediction and :func:`prediction_target` at random timesteps.
 
     ``timestep_sampling``: ``"uniform"`` (the SD recipe) or ``"cubic"`` (T2I-Adapter's ``t = (1 - u^3) T``, biased
-    toward high noise, where a control signal decides the layout; it teaches control in far fewer steps).
+    toward high noise, where a control signal decides the layout; it teaches control in far fewer steps) or
+    ``"cubic_low"`` (``u^3 T``, biased toward low noise, where texture and fine colour form).
 
     Noise and timesteps come from ``generator`` (on the CPU, then moved), so they do not depend on the device.
     With a diffusers ``controlnet``, its residuals for the control image ``controlnet_cond`` (B x 3 x H x W in
