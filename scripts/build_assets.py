@@ -195,14 +195,11 @@ def vae_styles(plain_share: float) -> tuple[str, ...]:
 def vae_checker_ceiling(vae, seed: int, count: int = 300) -> float:
     """Caption fidelity of the checker on VAE reconstructions of fresh one-shape scenes: the best any U-Net can
     score through this decoder (the checker finds 100% of these pairs on the scenes themselves)."""
+    from vistune.demo import vae_round_trip
     from vistune.metrics import caption_fidelity
 
     scenes = [sample_scene((seed + 7, i), size=SD_RES, num_shapes=1) for i in range(count)]
-    pixels = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    device = next(vae.parameters()).device
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(pixels.to(device)).latent_dist.mode()).sample.cpu()
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    recon = vae_round_trip(vae, np.stack([s.image for s in scenes]))
     return caption_fidelity(list(recon), [s.caption for s in scenes])
 
 

@@ -98,11 +98,16 @@ def trainable_count(pipe, method: str | None) -> int:
     return sum(p.numel() for p in unet.parameters()) if method == "full" else 0
 
 
+def gap_share(value: float, base: float, target: float) -> float:
+    """Share of the style gap from ``base`` to ``target`` that ``value`` covers (0 = base, 1 = real images)."""
+    return (value - base) / (target - base)
+
+
 def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None) -> tuple[dict, list]:
     images = generate(pipe, PROMPTS, args.seed, args.images_per_prompt)
     row = {"style_statistic": mean_statistic(images, args.style), "caption_fidelity": caption_fidelity(images, prompts)}
     if base_row is not None:
-        row["style_gap_closed"] = (row["style_statistic"] - base_row["style_statistic"]) / (target - base_row["style_statistic"])
+        row["style_gap_closed"] = gap_share(row["style_statistic"], base_row["style_statistic"], target)
         row["fidelity_change_points"] = 100 * (row["caption_fidelity"] - base_row["caption_fidelity"])
     return row, images
 
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
             "lora_rank": args.lora_rank, "timestep_sampling": args.timestep_sampling, "style_vae_ceiling": ceiling,
-            "gap_ceiling": (ceiling - base_row["style_statistic"]) / (target - base_row["style_statistic"])}
+            "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target)}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, f"sc_adaptation_{args.style}")
     first = [images[i] for images in grids.values() for i in range(0, len(images), args.images_per_prompt)]
