@@ -2,15 +2,17 @@
 """Pre-train a HiDDeN watermark encoder/extractor pair with attacks in the loop, then PCA-whiten the extractor.
 
 Stable Signature's extractor recipe (``hidden/main.py``) at shapes-world scale: the encoder hides random k-bit
-messages in images, one random attack per batch (crop, resize, straight-through real JPEG, brightness, contrast,
-saturation, blur, noise, rotation, a combination) and the extractor reads them back (BCE). A small image loss
+messages in images, one random attack per batch (by default: a crop left in place on a grey canvas, which is how
+the detector reads crops, resize, straight-through real JPEG, brightness, contrast, saturation, blur, noise,
+rotation, a combination) and the extractor reads them back (BCE). A small image loss
 keeps the encoder's residual faint. After training, the extractor is whitened on unwatermarked images so its
 bits are fair, uncorrelated coins on clean content (what the binomial p-value of detection assumes).
 
     python scripts/train_watermark_extractor.py --output_dir out/extractor --max_train_steps 1500
     # the shipped one (assets/watermark-extractor) was made with:
     python scripts/train_watermark_extractor.py --output_dir assets/watermark-extractor --seed 0 \\
-        --pretrained_vae assets/tiny-sd-shapes/vae
+        --pretrained_vae assets/tiny-sd-shapes/vae --max_train_steps 5000 --num_train_images 8192 \\
+        --scaling_w 0.08 --lambda_i 0 --lr_warmup_steps 100
 
 Training images are shapes-world scenes at ``--resolution`` (every style), half of them through
 ``--pretrained_vae`` (a diffusers AutoencoderKL folder) when given, so the extractor sees the decoder's look.
@@ -38,7 +40,9 @@ from tqdm.auto import tqdm
 from vistune.core.serialization import atomic_write
 from vistune.sd_training import batch_indices, step_generator
 from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
-from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack, quantize_straight_through
+from vistune.tuners.watermark.attacks import (
+    EXTRACTOR_AUGMENTATIONS, TRAIN_AUGMENTATIONS, RandomAttack, quantize_straight_through,
+)
 from vistune.tuners.watermark.data import clean_images
 from vistune.tuners.watermark.hidden import ExtractorConfig, HiddenEncoder, HiddenExtractor, save_extractor, whiten
 
@@ -57,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder_depth", type=int, default=3)
     p.add_argument("--scaling_w", type=float, default=0.03, help="encoder residual scale (images in [0, 1])")
     p.add_argument("--lambda_i", type=float, default=1.0, help="weight of the encoder's image MSE loss")
-    p.add_argument("--augmentations", default=",".join(TRAIN_AUGMENTATIONS))
+    p.add_argument("--augmentations", default=",".join(EXTRACTOR_AUGMENTATIONS),
+                   help=f"comma list from {','.join(TRAIN_AUGMENTATIONS)}")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--num_train_images", type=int, default=4096)
     p.add_argument("--num_whitening_images", type=int, default=2048)

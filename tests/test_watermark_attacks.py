@@ -102,3 +102,19 @@ def test_video_attacks():
         assert out.ndim == 4 and out.shape[1] == 3, name
     with pytest.raises(ValueError, match="at least 2 frames"):
         frame_drop(v[:1])
+
+
+def test_crop_in_place_keeps_the_region_where_it_was():
+    from vistune.tuners.watermark.attacks import CANVAS_FILL, crop_in_place, place_on_canvas
+
+    x = images()
+    y = crop_in_place(x, 0.5, torch.Generator().manual_seed(3))
+    kept = (y != CANVAS_FILL).all(1)  # (B, H, W): where the crop is (images() has no exact 0.5 pixels)
+    rows, cols = kept[0].any(1).nonzero().flatten(), kept[0].any(0).nonzero().flatten()
+    top, left, h, w = int(rows[0]), int(cols[0]), len(rows), len(cols)
+    assert (h, w) == (23, 23) and bool(kept[0, top:top + h, left:left + w].all())
+    torch.testing.assert_close(y[..., top:top + h, left:left + w], x[..., top:top + h, left:left + w])
+    assert int(kept[0].sum()) == h * w
+    torch.testing.assert_close(place_on_canvas(center_crop(x, 0.25), (32, 32), 8, 8)[..., 8:24, 8:24], x[..., 8:24, 8:24])
+    with pytest.raises(ValueError, match="does not fit"):
+        place_on_canvas(x, (16, 16), 0, 0)

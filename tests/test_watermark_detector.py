@@ -215,3 +215,58 @@ def test_shipped_extractor_is_whitened_and_small():
     assert 0.3 < bits.mean() < 0.7 and bits.mean(0).min() > 0.2 and bits.mean(0).max() < 0.8
     keys = [WatermarkKey.random(48, seed=s).tensor() for s in range(10)]
     assert max(int((bits == k).sum(1).max()) for k in keys) < detector.threshold  # no false positive
+
+
+class PatchReader(HiddenExtractor):
+    """A 'flatten' extractor that reads ``key`` when the top-left pixel is at least mid-grey and its complement
+    when it is dark: a stand-in whose readings differ between a dark crop and the same crop on a grey canvas."""
+
+    def __init__(self, key: WatermarkKey):
+        super().__init__(ExtractorConfig(num_bits=key.num_bits, channels=8, depth=3, head="flatten", input_size=16))
+        self.signs = key.tensor() * 2 - 1
+
+    def forward(self, x):
+        x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+        bright = (x[:, :, 0, 0].mean(1) > 0.4).float()[:, None] * 2 - 1
+        return bright * self.signs
+
+
+def test_crops_are_read_twice_with_a_bonferroni_correction():
+    from vistune.tuners.watermark.attacks import CANVAS_FILL, center_crop
+
+    key = WatermarkKey.random(48, seed=3)
+    detector = WatermarkDetector(key, PatchReader(key))
+    x = torch.zeros(2, 3, 16, 16)
+    x[:, :, 4:12, 4:12] = 1.0  # a bright centre; the corner of the image itself is dark
+    crop = center_crop(x, 0.25)  # 8x8, all bright
+    full, = detector.readings(x)
+    assert torch.equal(full, x)
+    as_is, on_canvas = detector.readings(crop)
+    assert torch.equal(as_is, crop)
+    assert torch.equal(on_canvas[..., 4:12, 4:12], crop) and (on_canvas[..., :4, :] == CANVAS_FILL).all()
+    result = detector.detect(crop)[0]
+    assert result.readings == 2 and result.matches == 48 and result.detected
+    assert result.threshold == match_threshold(48, 1e-6 / 2)
+    assert result.p_value == pytest.approx(2 / 2**48)
+    # a dark crop: read as it is, the complement (0 matches); on the canvas its corner is grey, the key (48)
+    dark = 1 - crop
+    assert detector.detect(dark)[0].matches == 48 and detector.detect_video(dark).matches == 48
+    detector_one = WatermarkDetector(key, PatchReader(key), output_size=0)
+    assert detector_one.detect(dark)[0].matches == 0 and detector_one.detect(dark)[0].readings == 1
+    # a full-size image is read once, as it is (its corner is dark)
+    assert detector.detect(x)[0].readings == 1 and detector.detect(x)[0].matches == 0
+    # one reading where a crop cannot be told from a resize: 'pool' heads, larger images, output_size=0
+    assert len(detector_one.readings(crop)) == 1
+    assert len(detector.readings(torch.rand(1, 3, 20, 12))) == 1
+    assert len(WatermarkDetector(key, constant_extractor(key)).readings(crop)) == 1
+    with pytest.raises(ValueError, match="output_size"):
+        WatermarkDetector(key, PatchReader(key), output_size=-1)
+
+
+def test_best_reading_is_chosen_per_image():
+    key = WatermarkKey.random(8, seed=0)
+    detector = WatermarkDetector(key, constant_extractor(key))
+    k = key.tensor()
+    first = torch.stack([k, 1 - k])
+    second = torch.stack([1 - k, k])
+    assert torch.equal(detector._best([first, second]), torch.stack([k, k]))

@@ -71,13 +71,37 @@ def center_crop(x: torch.Tensor, area: float) -> torch.Tensor:
     return TF.center_crop(x, [_side(h, area), _side(w, area)])
 
 
-def random_crop(x: torch.Tensor, area: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Keep an ``area`` fraction of the image at a random position (the same for the whole batch)."""
-    h, w = x.shape[-2:]
+def _crop_box(h: int, w: int, area: float, generator: torch.Generator | None) -> tuple[int, int, int, int]:
     ch, cw = _side(h, area), _side(w, area)
     top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
     left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    return top, left, ch, cw
+
+
+def random_crop(x: torch.Tensor, area: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep an ``area`` fraction of the image at a random position (the same for the whole batch)."""
+    top, left, ch, cw = _crop_box(*x.shape[-2:], area, generator)
     return x[..., top:top + ch, left:left + cw]
+
+
+#: Value of the pixels a crop removed when it is put back on a canvas of the original size.
+CANVAS_FILL = 0.5
+
+
+def place_on_canvas(x: torch.Tensor, size: tuple[int, int], top: int, left: int) -> torch.Tensor:
+    """``x`` pasted at ``(top, left)`` on a ``size`` canvas of grey (:data:`CANVAS_FILL`): a crop put back where
+    it was cut from (differentiable in ``x``)."""
+    h, w = x.shape[-2:]
+    if top < 0 or left < 0 or top + h > size[0] or left + w > size[1]:
+        raise ValueError(f"a {h}x{w} image does not fit on a {size[0]}x{size[1]} canvas at ({top}, {left})")
+    return F.pad(x - CANVAS_FILL, (left, size[1] - left - w, top, size[0] - top - h)) + CANVAS_FILL
+
+
+def crop_in_place(x: torch.Tensor, area: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random ``area`` crop left where it was on a grey canvas of the image's size: what the detector's
+    centre-crop hypothesis hands the extractor (:class:`~vistune.tuners.watermark.WatermarkDetector`)."""
+    top, left, ch, cw = _crop_box(*x.shape[-2:], area, generator)
+    return place_on_canvas(x[..., top:top + ch, left:left + cw], tuple(x.shape[-2:]), top, left)
 
 
 def resize(x: torch.Tensor, area: float) -> torch.Tensor:
@@ -243,16 +267,23 @@ def get_attack(name: str, video: bool = False) -> Attack:
 
 #: The training augmentations: one is drawn per batch (Stable Signature's ``HiddenAug`` chooses one of a list).
 TRAIN_AUGMENTATIONS: tuple[str, ...] = (
-    "identity", "crop", "resize", "jpeg", "brightness", "contrast", "saturation", "blur", "noise", "rotate", "comb",
+    "identity", "crop", "crop_in_place", "resize", "jpeg", "brightness", "contrast", "saturation", "blur", "noise",
+    "rotate", "comb",
 )
+
+#: The default augmentations of extractor pre-training (``scripts/train_watermark_extractor.py``): every training
+#: augmentation, with cropped images put back in place (``crop_in_place``, the input the detector builds for a crop)
+#: instead of read at their own size (``crop``), which a position-aware extractor cannot align.
+EXTRACTOR_AUGMENTATIONS: tuple[str, ...] = tuple(a for a in TRAIN_AUGMENTATIONS if a != "crop")
 
 
 class RandomAttack(nn.Module):
     """Applies one randomly drawn differentiable attack to a batch (all gradients flow, JPEG straight-through).
 
     Strengths are drawn from ranges that cover the evaluation attacks: crop and resize keep 10-100 % / 25-100 %
-    of the area, JPEG quality 40-95, brightness/contrast/saturation factors 0.5-2, blur sigma 0.3-1.2, noise std
-    up to 0.06, rotation up to 15 degrees. ``comb`` chains crop, brightness and JPEG.
+    of the area, ``crop_in_place`` 40-100 % (:func:`crop_in_place`), JPEG quality 40-95,
+    brightness/contrast/saturation factors 0.5-2, blur sigma 0.3-1.2, noise std up to 0.06, rotation up to 15
+    degrees. ``comb`` chains crop, brightness and JPEG.
     """
 
     def __init__(self, augmentations: Sequence[str] = TRAIN_AUGMENTATIONS, weights: Sequence[float] | None = None):
@@ -275,6 +306,8 @@ class RandomAttack(nn.Module):
             return x
         if choice == "crop":
             return random_crop(x, u(0.1, 1.0), generator)
+        if choice == "crop_in_place":
+            return crop_in_place(x, u(0.4, 1.0), generator)
         if choice == "resize":
             h, w = x.shape[-2:]
             side = math.sqrt(u(0.25, 1.0))

@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", required=True, help="the key file written by scripts/train_watermark.py (key.json)")
     parser.add_argument("--extractor", help="extractor folder (default: the shipped assets/watermark-extractor)")
     parser.add_argument("--fpr", type=float, default=1e-6, help="false-positive rate of the decision (default 1e-6)")
+    parser.add_argument("--output_size", type=int, default=None,
+                        help="side of the watermarked generator's images (default: the extractor's input size); smaller "
+                             "images are also read as a centre crop of one, with a Bonferroni-corrected p-value; 0: off")
     parser.add_argument("--video", action="store_true",
                         help="treat the files as the frames of one video (bits aggregated by majority vote)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         extractor = load_extractor(args.extractor)
         key = WatermarkKey.load(args.key, num_bits=extractor.num_bits)
-        detector = WatermarkDetector(key, extractor, fpr=args.fpr)
+        detector = WatermarkDetector(key, extractor, fpr=args.fpr, output_size=args.output_size)
         if args.video:
             import torch
 
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             verdict = "WATERMARKED" if result.detected else "not detected"
             print(f"{name}: {verdict}  matched {result.matches}/{result.num_bits} bits, p-value {result.p_value:.3g} "
-                  f"(threshold {result.threshold} bits at FPR {args.fpr:g})")
+                  f"(threshold {result.threshold} bits at FPR {args.fpr:g}"
+                  f"{'' if result.readings == 1 else f'; best of {result.readings} readings, as is and as a centre crop'})")
     return 0 if all(r.detected for _, r in results) else 1
 
 
