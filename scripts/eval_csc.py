@@ -25,6 +25,9 @@ CSC tuners at inference (``CSCControlModel.from_tuners`` with both, ``controlnet
 * caption fidelity (``vistune.metrics.caption_fidelity``: every prompted colour and shape found by the checker),
   and its change against the uncontrolled model on the same prompts and seeds.
 
+Two reference rows bound every metric: the real scenes, and the real scenes encoded and decoded by the model's VAE
+(a controller steers the U-Net, so its images can be no more exact than the VAE's reconstructions).
+
 Writes ``<output_dir>/csc_fidelity.json``, ``.md`` and ``.png`` (grid rows: each condition's control, uncontrolled,
 each method and pair, the real scenes).
 """
@@ -41,11 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistune.assets import asset_path
+from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
 from vistune.conditions import canny, color
 from vistune.core.serialization import atomic_write
 from vistune.data import ShapesDataset
+from vistune.demo import vae_round_trip
 from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
 from vistune.sd_training import TIMESTEP_SAMPLINGS, ConditionedDataset
 
@@ -53,6 +57,7 @@ SCRIPT = Path(__file__).with_name("train_csc_tuner.py")
 METHODS = ("csc", "csc_1x1", "controlnet")
 CONDITIONS = ("canny", "segmentation", "color")  # the ones with a metric here
 SAMPLING_STEPS = 25
+TRAIN_TIME_FILE = "train_time.json"  # written next to each run's output, read back by --skip_training
 GUIDANCE = 4.0
 
 
@@ -165,6 +170,13 @@ def real_images(args, size: int) -> np.ndarray:
     return np.stack([data.scene(i).image for i in range(len(data))]).astype(np.float32) / 255
 
 
+def vae_ceiling_images(vae, args, size: int) -> np.ndarray:
+    """The evaluation scenes encoded and decoded by ``vae`` (H x W x 3 in [0, 1]): no controller can make the
+    model output a scene more exactly than its VAE reconstructs it, so this bounds every fidelity metric."""
+    real = (real_images(args, size) * 255).round().astype(np.uint8)
+    return vae_round_trip(vae, real).astype(np.float32) / 255
+
+
 def load_pipeline(base: Path, method: str | None, trained):
     """The base pipeline; with ``method`` the trained controller from ``trained`` (a path, or for csc a list of
     paths: several conditions combined)."""
@@ -238,7 +250,7 @@ def _ratio(value: float, base: float) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "# Control fidelity on the shipped tiny SD: CSC-Tuner vs diffusers ControlNet",
+        f"# Control fidelity on {meta.get('model', 'the shipped tiny SD')}: CSC-Tuner vs diffusers ControlNet",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g}, "
         f"{meta.get('timestep_sampling', 'uniform')} timesteps, caption "
@@ -248,7 +260,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "the image vs the ground-truth edges, 1 px tolerance. mIoU: the checker's class mask of the image vs the "
         "scene's (background + 4 shapes). Colour error: mean |RGB| difference (0-255) between the coarse colour "
         f"layouts ({meta.get('color_cell', '?')} px cells) of the image and of the scene (lower is better). Ratios "
-        "are to the uncontrolled row. Pairs: "
+        "are to the uncontrolled row; the VAE ceiling row is the scenes themselves encoded and decoded by the "
+        "model's VAE, the most any controller of this model can reach. Pairs: "
         f"single-condition CSC tuners combined at inference, weights {meta.get('pair_weights') or 'all 1.0'}.",
         "",
         "| condition | method | trainable params | edge F1 | F1 / unc. | mIoU | mIoU / unc. | colour error "
@@ -332,7 +345,10 @@ def main(argv=None) -> int:
     rows = [{"condition": "-", "method": "uncontrolled", "trainable_params": 0, **measure(images, prompts, truth=truth)}]
     real = {"condition": "-", "method": "real scenes (upper bound)", "trainable_params": 0,
             **measure(real_images(args, size), prompts, truth=truth)}
+    ceiling = {"condition": "-", "method": "real scenes through the VAE (ceiling)", "trainable_params": 0,
+               **measure(vae_ceiling_images(pipe.vae, args, size), prompts, truth=truth)}
     print(json.dumps(real), flush=True)
+    print(json.dumps(ceiling), flush=True)
     print(json.dumps(rows[-1]), flush=True)
     grids = {f"control {c}": controls[c].permute(0, 2, 3, 1).numpy() for c in controls}
     grids["uncontrolled"] = images
@@ -340,7 +356,11 @@ def main(argv=None) -> int:
         out = run_dir(work, condition, method)
         row = {"condition": condition, "method": method}
         if not args.skip_training:
-            row["train_seconds"] = train(args, method, base, out, size, condition)
+            seconds = train(args, method, base, out, size, condition)
+            atomic_write(out / TRAIN_TIME_FILE, lambda tmp: Path(tmp).write_text(json.dumps({"seconds": seconds})))
+        timing = out / TRAIN_TIME_FILE
+        if timing.is_file():  # also when --skip_training reuses a run
+            row["train_seconds"] = json.loads(timing.read_text())["seconds"]
         pipe = load_pipeline(base, method, out)
         images = generate(pipe, prompts, controls[condition], args.seed)
         rows.append({**row, "trainable_params": trainable_count(pipe, method),
@@ -358,10 +378,11 @@ def main(argv=None) -> int:
         grids[f"csc {name}"] = images
         print(json.dumps(rows[-1]), flush=True)
 
-    rows.append(real)
+    rows += [ceiling, real]
     meta = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "timestep_sampling": args.timestep_sampling, "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
+            "model": sd_label(base),
             "conditions": args.conditions, "pairs": ["+".join(p) for p in args.pairs],
             "pair_weights": args.pair_weights, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"]}
     table = markdown(rows, meta)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vistune import core
-from vistune.assets import asset_path
+from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
@@ -114,7 +114,7 @@ def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"# Style adaptation of the shipped tiny SD to '{meta['style']}'",
+        f"# Style adaptation of {meta.get('model', 'the shipped tiny SD')} to '{meta['style']}'",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
         f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps, seed {meta['seed']}, {meta['train_images']} training scenes; "
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
             "lora_rank": args.lora_rank, "timestep_sampling": args.timestep_sampling, "style_vae_ceiling": ceiling,
-            "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target)}
+            "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target), "base": str(base),
+            "model": sd_label(base)}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, f"sc_adaptation_{args.style}")
     first = [images[i] for images in grids.values() for i in range(0, len(images), args.images_per_prompt)]

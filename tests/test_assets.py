@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vistune.assets import TINY_VIT, asset_path, assets_dir, load_tiny_sd, load_tiny_vit
+from vistune.assets import TINY_SD, TINY_VIT, asset_path, assets_dir, load_tiny_sd, load_tiny_vit, sd_label
 from vistune.data import sample_scene
 from vistune.metrics import caption_fidelity
 
@@ -30,6 +30,14 @@ def test_assets_are_small_and_pickle_free():
     assert sum(p.stat().st_size for p in files) < 40 * 2**20
     allowed = {".safetensors", ".json", ".txt", ".md", ".png"}
     assert {p.suffix for p in files} <= allowed
+
+
+def test_reports_name_the_shipped_sd_and_any_other_folder_by_its_path(tmp_path, monkeypatch):
+    shipped = asset_path(TINY_SD)
+    assert sd_label(shipped) == sd_label(str(shipped) + "/") == "the shipped tiny SD"
+    assert sd_label(tmp_path) == f"`{tmp_path}`"
+    monkeypatch.setenv("VISTUNE_ASSETS", str(tmp_path / "none"))  # no shipped model: every folder is named
+    assert sd_label(shipped) == f"`{shipped}`"
 
 
 def test_shipped_sd_loads_offline_and_generates_deterministically(pipe, monkeypatch):

@@ -141,10 +141,24 @@ def test_tiny_end_to_end_run_writes_the_table_json_and_grid(script, tmp_path):
     names = [(r["condition"], r["method"]) for r in result["rows"]]
     assert names == [("-", "uncontrolled"), ("canny", "csc"), ("segmentation", "csc"),
                      ("segmentation", "controlnet"), ("color", "csc"), ("canny+color", "csc"),
-                     ("-", "real scenes (upper bound)")]
+                     ("-", "real scenes through the VAE (ceiling)"), ("-", "real scenes (upper bound)")]
     assert all({"edge_f1", "miou", "color_error", "caption_fidelity"} <= set(r) for r in result["rows"])
+    ceiling, real = result["rows"][-2:]
+    assert real["edge_f1"] > 0.95 and real["color_error"] == 0
+    # the VAE is lossy, but its reconstructions keep the scenes' layout far better than an uncontrolled sample
+    assert 0 < ceiling["color_error"] < result["rows"][0]["color_error"]
     assert "canny+color on edge_f1" in (tmp_path / "out" / "csc_fidelity.md").read_text()
     assert (tmp_path / "out" / "csc_fidelity.png").stat().st_size > 0
+
+    # --skip_training re-measures the saved runs: same numbers, and each run's recorded train time comes back
+    assert script.main(["--skip_training", "--num_eval_scenes", "2", "--methods", "csc", "controlnet",
+                        "--conditions", "canny", "--controlnet_conditions", "segmentation",
+                        "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "csc_fidelity.json").read_text())["rows"]
+    first = {(r["condition"], r["method"]): r for r in result["rows"]}
+    reused = [r for r in again if r["condition"] == "canny"]
+    assert len(reused) == 1 and reused[0]["train_seconds"] == first[("canny", "csc")]["train_seconds"] > 0
+    assert reused[0]["edge_f1"] == pytest.approx(first[("canny", "csc")]["edge_f1"])
 
 
 def test_grid_has_one_labelled_row_per_entry(script, tmp_path):

@@ -29,6 +29,15 @@ def asset_path(name: str) -> Path:
     return path
 
 
+def sd_label(path: str | os.PathLike) -> str:
+    """How a report names a Stable Diffusion folder: "the shipped tiny SD" for the shipped one, else its path."""
+    try:
+        shipped = asset_path(TINY_SD).resolve()
+    except FileNotFoundError:
+        shipped = None
+    return "the shipped tiny SD" if Path(path).resolve() == shipped else f"`{path}`"
+
+
 def load_tiny_sd(**kwargs):
     """``StableDiffusionPipeline.from_pretrained`` on the shipped tiny SD (no network), progress bar off."""
     from diffusers import StableDiffusionPipeline
