@@ -171,8 +171,10 @@ def real_images(args, size: int) -> np.ndarray:
 
 
 def vae_ceiling_images(vae, args, size: int) -> np.ndarray:
-    """The evaluation scenes encoded and decoded by ``vae`` (H x W x 3 in [0, 1]): no controller can make the
-    model output a scene more exactly than its VAE reconstructs it, so this bounds every fidelity metric."""
+    """The evaluation scenes encoded and decoded by ``vae`` (H x W x 3 in [0, 1]). A controller steers the U-Net,
+    whose output the VAE decodes, so its images are not expected to match a scene more closely than these: a
+    practical ceiling of every fidelity metric (not a strict bound on each, e.g. canny may find cleaner edges
+    in a slightly blurred image)."""
     real = (real_images(args, size) * 255).round().astype(np.uint8)
     return vae_round_trip(vae, real).astype(np.float32) / 255
 
@@ -261,7 +263,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "scene's (background + 4 shapes). Colour error: mean |RGB| difference (0-255) between the coarse colour "
         f"layouts ({meta.get('color_cell', '?')} px cells) of the image and of the scene (lower is better). Ratios "
         "are to the uncontrolled row; the VAE ceiling row is the scenes themselves encoded and decoded by the "
-        "model's VAE, the most any controller of this model can reach. Pairs: "
+        "model's VAE, a practical ceiling for any controller of this model. Pairs: "
         f"single-condition CSC tuners combined at inference, weights {meta.get('pair_weights') or 'all 1.0'}.",
         "",
         "| condition | method | trainable params | edge F1 | F1 / unc. | mIoU | mIoU / unc. | colour error "

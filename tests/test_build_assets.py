@@ -19,10 +19,19 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     argv = ["--output_dir", str(out), "--work_dir", str(work), "--stages", "tokenizer,vae,sd,vit",
             "--num_images", "48", "--vae_steps", "2", "--sd_steps", "3", "--sd_batch_size", "4",
             "--vit_steps", "2", "--vit_images", "40", "--checkpointing_steps", "2", "--sd_eval_steps", "2",
-            "--vae_latent_channels", "8", "--vae_plain_share", "0.5", "--vae_edge_weight", "1.0"]
+            "--vae_latent_channels", "8", "--vae_plain_share", "0.5", "--vae_edge_weight", "1.0",
+            "--sd_finetune_steps", "2"]
     assert build.main(argv) == 0
     assert {p.name for p in (work / "sd").iterdir()} == {"checkpoint-2", "checkpoint-3"}
+    assert {p.name for p in (work / "sd_finetune").iterdir()} == {"checkpoint-2"}
     report = json.loads((out / "build_report.json").read_text())
+    assert report["sd_finetune_final_loss"] > 0
+    # the fine-tune phase started from the first phase's EMA weights and what ships is its own EMA
+    first_ema = load_file(str(work / "sd" / "checkpoint-3" / "ema_unet.safetensors"))
+    tuned_ema = load_file(str(work / "sd_finetune" / "checkpoint-2" / "ema_unet.safetensors"))
+    shipped = load_file(str(out / "tiny-sd-shapes" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(shipped[k], tuned_ema[k]) for k in shipped)
+    assert any(not torch.equal(first_ema[k], tuned_ema[k]) for k in shipped)
     assert 0 <= report["vae_checker_ceiling"] <= 1
     curve = report["sd_fidelity_curve"]
     assert [point["step"] for point in curve] == [2] and 0 <= curve[0]["heldout_caption_fidelity"] <= 1
@@ -43,8 +52,17 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in vit.state_dict().items())  # the trained weights, not a fresh init
 
     # a second run resumes from the stage's last checkpoint instead of starting over
-    assert build.main(argv[:5] + ["sd", *argv[6:], "--sd_steps", "4", "--resume"]) == 0
-    assert (work / "sd" / "checkpoint-4").is_dir()
+    assert build.main(argv[:5] + ["sd", *argv[6:], "--sd_steps", "4", "--sd_finetune_steps", "3", "--resume"]) == 0
+    assert (work / "sd" / "checkpoint-4").is_dir() and (work / "sd_finetune" / "checkpoint-3").is_dir()
+
+
+def test_fine_tune_phase_arguments_are_checked(capsys):
+    build = load_script("build_assets")
+    assert build.parse_args([]).sd_finetune_steps == 0  # off unless asked for
+    for bad in (["--sd_finetune_steps", "-1"], ["--sd_finetune_ema", "1.0"]):
+        with pytest.raises(SystemExit):
+            build.parse_args(bad)
+        assert "--sd_finetune_steps must be >= 0" in capsys.readouterr().err
 
 
 def test_vae_style_mix_and_edge_loss():
