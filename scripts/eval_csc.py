@@ -171,13 +171,12 @@ def real_images(args, size: int) -> np.ndarray:
     return np.stack([data.scene(i).image for i in range(len(data))]).astype(np.float32) / 255
 
 
-def vae_ceiling_images(vae, args, size: int) -> np.ndarray:
-    """The evaluation scenes encoded and decoded by ``vae`` (H x W x 3 in [0, 1]). A controller steers the U-Net,
+def vae_ceiling_images(vae, scenes: np.ndarray) -> np.ndarray:
+    """``scenes`` (:func:`real_images`) encoded and decoded by ``vae`` (H x W x 3 in [0, 1]). A controller steers the U-Net,
     whose output the VAE decodes, so its images are not expected to match a scene more closely than these: a
     practical ceiling of every fidelity metric (not a strict bound on each, e.g. canny may find cleaner edges
     in a slightly blurred image)."""
-    real = (real_images(args, size) * 255).round().astype(np.uint8)
-    return vae_round_trip(vae, real).astype(np.float32) / 255
+    return vae_round_trip(vae, (scenes * 255).round().astype(np.uint8)).astype(np.float32) / 255
 
 
 def load_pipeline(base: Path, method: str | None, trained):
@@ -346,10 +345,11 @@ def main(argv=None) -> int:
 
     images = generate(pipe, prompts, None, args.seed)
     rows = [{"condition": "-", "method": "uncontrolled", "trainable_params": 0, **measure(images, prompts, truth=truth)}]
+    scenes = real_images(args, size)
     real = {"condition": "-", "method": "real scenes (upper bound)", "trainable_params": 0,
-            **measure(real_images(args, size), prompts, truth=truth)}
+            **measure(scenes, prompts, truth=truth)}
     ceiling = {"condition": "-", "method": "real scenes through the VAE (ceiling)", "trainable_params": 0,
-               **measure(vae_ceiling_images(pipe.vae, args, size), prompts, truth=truth)}
+               **measure(vae_ceiling_images(pipe.vae, scenes), prompts, truth=truth)}
     print(json.dumps(real), flush=True)
     print(json.dumps(ceiling), flush=True)
     print(json.dumps(rows[-1]), flush=True)
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
             "pair_weights": args.pair_weights, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"]}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, "csc_fidelity")
-    grids["real"] = real_images(args, size)
+    grids["real"] = scenes
     save_grid(grids, results / "csc_fidelity.png", columns=min(8, args.num_eval_scenes))
     print(table)
     return 0
