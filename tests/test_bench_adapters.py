@@ -1,5 +1,6 @@
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,44 @@ def test_cost_cases_run_each_method(monkeypatch):
     assert params["adapter"] == adapter + head and params["pear"] == adapter // 2 + head
     assert params["mosa"] == params["mosa_kl"] > params["adapter"] and params["full"] > params["mosa"]
     assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] >= 0 for r in rows.values())
+
+
+def test_runs_split_by_task_merge_into_one_table(tmp_path):
+    """Two processes each run some tasks; --merge makes the table one run of every task would have made, and
+    refuses parts that cannot be combined."""
+    common = dict(seeds=[0], steps=5, batch_size=8, methods=["linear"], train_size=32, val_size=8, test_size=16,
+                  output_dir=str(tmp_path), log=lambda s: None)
+    color = bench.run(tasks=["color"], name="part_color", **common)
+    count = bench.run(tasks=["count"], name="part_count", **common)
+    paths = [str(tmp_path / "part_color.json"), str(tmp_path / "part_count.json")]
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    bench.run_from_args(parser.parse_args(["--merge", *paths, "--output-dir", str(tmp_path), "--name", "merged"]))
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["rows"] == color["rows"] + count["rows"]
+    assert merged["summary"] == bench.summarize(color["rows"] + count["rows"])
+    assert merged["meta"]["tasks"] == ["color", "count"] and merged["meta"]["parts"] == 2
+    assert "| method | color (natu) | count (stru) |" in (tmp_path / "merged.md").read_text()
+    assert "parts run in parallel" in (tmp_path / "merged.md").read_text()
+
+    with pytest.raises(ValueError, match="measures .* again"):
+        bench.merge_results([paths[0], paths[0]], str(tmp_path), "bad")
+    bench.run(tasks=["count"], name="other_steps", **{**common, "steps": 6})
+    with pytest.raises(ValueError, match="another steps"):
+        bench.merge_results([paths[0], str(tmp_path / "other_steps.json")], str(tmp_path), "bad")
+    partial = json.loads(Path(paths[1]).read_text())
+    partial["meta"]["complete"] = False
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    with pytest.raises(ValueError, match="partial run"):
+        bench.merge_results([paths[0], str(tmp_path / "partial.json")], str(tmp_path), "bad")
+    with pytest.raises(ValueError, match="at least two"):
+        bench.merge_results(paths[:1], str(tmp_path), "bad")
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_merge_refuses_files_that_are_not_results(tmp_path):
+    (tmp_path / "junk.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"meta": {}}))
+    for bad in ("junk.json", "other.json", "missing.json"):
+        with pytest.raises(ValueError, match="not a result file"):
+            bench.merge_results([str(tmp_path / bad), str(tmp_path / "other.json")], str(tmp_path), "bad")
