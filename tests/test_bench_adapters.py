@@ -70,6 +70,10 @@ def test_linear_probe_beats_chance_on_an_easy_task(tmp_path):
     chance = bench.run(tasks=["color"], seeds=[0], steps=1, batch_size=2, methods=["linear"], train_size=160,
                        val_size=16, test_size=96, lrs={"linear": 1e-9}, output_dir=str(tmp_path), log=lambda s: None)
     assert chance["rows"][0]["accuracy"] < 0.3  # an untrained (zero) head predicts one class
+    assert "on trainval (160+16 images), evaluated on test (96 images)" in (tmp_path / "adapters.md").read_text()
+    bench.run(tasks=["color"], seeds=[0], steps=1, batch_size=2, methods=["linear"], train_size=160, val_size=16,
+              test_size=96, fit_split="train", eval_split="val", output_dir=str(tmp_path), log=lambda s: None)
+    assert "on train (160 images), evaluated on val (16 images)" in (tmp_path / "adapters.md").read_text()
 
 
 def test_user_imagefolder_task_runs_in_the_same_protocol(tmp_path):
@@ -101,6 +105,9 @@ def test_bad_arguments(tmp_path):
         bench.run(tasks=[], output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="pear_warmup"):
         bench.run(tasks=["color"], pear_warmup=1.0, output_dir=str(tmp_path))
+    for ratio in (0.0, 1.0, 1.5):  # refused before any model is loaded or trained
+        with pytest.raises(ValueError, match="prune ratios must lie in"):
+            bench.run(tasks=["color"], methods=["pear"], pear_ratios=[0.5, ratio], output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown cost methods"):
         bench.run_cost(methods=["hst"], output_dir=str(tmp_path))
     assert bench._parse_lrs(["adapter=0.03", "full=1e-3"]) == {"adapter": 0.03, "full": 1e-3}
@@ -125,6 +132,11 @@ def test_cost_cases_run_each_method(monkeypatch):
     adapter = 4 * (2 * 32 + (32 * 4 + 4) + (4 * 32 + 32))
     assert params["adapter"] == adapter + head and params["pear"] == adapter // 2 + head
     assert params["mosa"] == params["mosa_kl"] > params["adapter"] and params["full"] > params["mosa"]
+    up = 4 * 32 + 32  # Up is split into one copy per expert (Down shared)
+    assert params["mosa"] == params["adapter"] + 4 * up * (bench.DEFAULT_MOSA_EXPERTS - 1)
+    four = bench.run_cost_case({"method": "mosa", "batch_size": 2, "steps": 1, "warmup": 0, "bottleneck": 4,
+                                "mosa_experts": 4})
+    assert four["trainable_params"] == params["adapter"] + 4 * up * 3
     assert all(r["step_seconds"] > 0 and r["peak_memory_mb"] >= 0 for r in rows.values())
 
 
@@ -144,7 +156,8 @@ def test_runs_split_by_task_merge_into_one_table(tmp_path):
     assert merged["summary"] == bench.summarize(color["rows"] + count["rows"])
     assert merged["meta"]["tasks"] == ["color", "count"] and merged["meta"]["parts"] == 2
     assert "| method | color (natu) | count (stru) |" in (tmp_path / "merged.md").read_text()
-    assert "parts run in parallel" in (tmp_path / "merged.md").read_text()
+    assert "(the longest of 2 parts;" in (tmp_path / "merged.md").read_text()
+    assert merged["meta"]["part_wall_seconds"] == [color["meta"]["wall_seconds"], count["meta"]["wall_seconds"]]
 
     with pytest.raises(ValueError, match="measures .* again"):
         bench.merge_results([paths[0], paths[0]], str(tmp_path), "bad")
@@ -152,12 +165,55 @@ def test_runs_split_by_task_merge_into_one_table(tmp_path):
     with pytest.raises(ValueError, match="another steps"):
         bench.merge_results([paths[0], str(tmp_path / "other_steps.json")], str(tmp_path), "bad")
     partial = json.loads(Path(paths[1]).read_text())
-    partial["meta"]["complete"] = False
+    partial["meta"]["complete"] = False  # an interrupted run: the tasks it finished hold every seed and method
     (tmp_path / "partial.json").write_text(json.dumps(partial))
-    with pytest.raises(ValueError, match="partial run"):
-        bench.merge_results([paths[0], str(tmp_path / "partial.json")], str(tmp_path), "bad")
+    logged: list[str] = []
+    again = bench.merge_results([paths[0], str(tmp_path / "partial.json")], str(tmp_path), "again", log=logged.append)
+    assert again["rows"] == merged["rows"] and again["meta"]["complete"]
+    assert any("a partial run; merging its 1 finished task(s) (count)" in line for line in logged)
     with pytest.raises(ValueError, match="at least two"):
         bench.merge_results(paths[:1], str(tmp_path), "bad")
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_runs_split_by_method_merge_into_the_joint_run(tmp_path):
+    """A Pear ratio or a method measured in a later run merges with the first into the rows one joint run makes
+    (same seeds, same batches: the same accuracies), and the merged settings list every method and ratio."""
+    common = dict(tasks=["color"], seeds=[0], steps=6, batch_size=8, train_size=32, val_size=8, test_size=16,
+                  output_dir=str(tmp_path), log=lambda s: None)
+    joint = bench.run(methods=["linear", "adapter", "pear"], pear_ratios=[0.5, 0.75], name="joint", **common)
+    bench.run(methods=["adapter", "pear"], pear_ratios=[0.5], name="first", **common)
+    bench.run(methods=["pear"], pear_ratios=[0.75], name="later", **common)  # stops the adapter at the warm-up
+    bench.run(methods=["linear"], name="linear", **common)
+    parts = [str(tmp_path / f"{n}.json") for n in ("first", "later", "linear")]
+    merged = bench.merge_results(parts, str(tmp_path), "merged", log=lambda s: None)
+
+    def measured(rows):
+        return {(r["task"], r["method"], r["seed"]): (r["accuracy"], r["stored_bytes"], r["trainable_params"])
+                for r in rows}
+
+    assert measured(merged["rows"]) == measured(joint["rows"])
+    assert merged["meta"]["settings"]["methods"] == ["linear", "adapter", "pear"]
+    assert merged["meta"]["settings"]["pear_ratios"] == [0.5, 0.75] and merged["meta"]["parts"] == 3
+    assert merged["meta"]["settings"]["lrs"] == {m: bench.DEFAULT_LRS[m] for m in ("linear", "adapter", "pear")}
+    # learning rates are compared per method: a method re-run at another rate merges with parts that lack it ...
+    bench.run(methods=["linear"], name="other_lr", lrs={"linear": 0.5, "mosa": 0.1}, **common)
+    other = bench.merge_results([parts[0], str(tmp_path / "other_lr.json")], str(tmp_path), "ok", log=lambda s: None)
+    assert other["meta"]["settings"]["lrs"]["linear"] == 0.5 and "mosa" not in other["meta"]["settings"]["lrs"]
+    # ... but not with a part whose rows of that method used the old rate (Pear's warm-up is the adapter's run)
+    with pytest.raises(ValueError, match="trains linear at another learning rate"):
+        bench.merge_results([parts[2], str(tmp_path / "other_lr.json")], str(tmp_path), "bad")
+    # a method measured on fewer tasks than the table has: '-' cells, a mean that says so, the holes listed on top
+    bench.run(methods=["linear"], name="linear_count", **{**common, "tasks": ["count"]})
+    holes = bench.merge_results([parts[0], str(tmp_path / "linear_count.json")], str(tmp_path), "holes",
+                                log=lambda s: None)
+    text = (tmp_path / "holes.md").read_text()
+    assert not holes["meta"]["complete"] and text.startswith("INCOMPLETE: 3 (method, task) cells")
+    assert "linear on color" in text and "adapter on count" in text and "pear-0.5 on count" in text
+    assert text.count("(1 of 2 tasks)") == 3
+    bench.run(methods=["pear"], name="other_adapter_lr", lrs={"adapter": 0.5}, **common)
+    with pytest.raises(ValueError, match="trains adapter at another learning rate"):
+        bench.merge_results([parts[0], str(tmp_path / "other_adapter_lr.json")], str(tmp_path), "bad")
     assert not (tmp_path / "bad.json").exists()
 
 

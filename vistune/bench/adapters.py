@@ -1,18 +1,21 @@
 """The adapter family side by side on VTAB-1k-style shapes-world tasks, with the shipped tiny ViT frozen.
 
     python -m vistune.bench.adapters                 # or: vistune bench adapters / python scripts/bench_adapters.py
-    python -m vistune.bench.adapters --steps 50      # one epoch instead of 32: a quick look (about 20 min on CPU)
+    python -m vistune.bench.adapters --steps 50      # one epoch instead of 32: a quick look (about 30 min on CPU)
     python -m vistune.bench.adapters --quick         # a small smoke run (tests)
     python -m vistune.bench.adapters --imagefolder my_task/   # a user's ImageFolder task(s), same protocol
     python -m vistune.bench.adapters --tasks shape count --name part1   # split a run across processes ...
     python -m vistune.bench.adapters --merge part1.json part2.json      # ... and merge the parts into one table
+    python -m vistune.bench.adapters --methods pear --pear-ratios 0.75 --name later   # a method or ratio added
+                                                                        # later merges the same way
     python -m vistune.bench.adapters --cost          # training cost at ViT-B/16 224 (random weights)
 
 Accuracy mode: for every task and seed, each method starts from the same backbone with a zero-initialised
 head and trains for the same number of steps on the same batches (VTAB's final protocol: train + val, then
-the held-out test set), AdamW with linear warm-up and cosine decay. The default 2,000 steps x batch 16 are 32
-epochs of the 1,000 train + val images (VTAB-1k recipes train 100): the regime the sparse and pruned methods are
-made for. One epoch (``--steps 50``) under-trains every tuner and ranks them differently (README).
+the held-out test set), AdamW with linear warm-up and cosine decay, on CUDA when present (else one CPU thread).
+The default 2,000 steps x batch 16 are 32 epochs of the 1,000 train + val images (VTAB-1k recipes train 100): the
+regime the sparse and pruned methods are made for. One epoch (``--steps 50``) under-trains every tuner and ranks
+them differently (README).
 
 * ``linear``: only the head, on frozen features cached once per task (the same maths as running the model);
 * ``full``: every weight; ``lora``: peft LoRA on every block's qkv/proj/fc1/fc2 (``vistune.vit_baselines``);
@@ -48,13 +51,16 @@ from .runner import environment, measure_training, run_case, suite_main, write_r
 METHODS = ("linear", "full", "lora", "adapter", "mosa", "pear", "mosa_hier")
 DEFAULT_METHODS = METHODS[:6]  # mosa_hier (expert counts rising with depth, see hier_min_experts) on request
 # interleaved by kind, so the partial table of an interrupted run already covers all three kinds
-DEFAULT_TASKS = ("shape", "style", "count", "color", "small_shape", "orientation")
-#: learning rates per method (AdamW, weight decay 0.01 as MoSA's VTAB recipe)
-DEFAULT_LRS = {"linear": 1e-2, "full": 5e-4, "lora": 1e-2, "adapter": 1e-2, "mosa": 1e-2, "pear": 1e-2,
+DEFAULT_TASKS = ("shape", "style", "count", "color", "small_shape", "orientation", "position", "size")  # all 8
+#: learning rates per method (AdamW, weight decay 0.01 as MoSA's VTAB recipe); LoRA at 3e-3 or 1e-2 collapses to
+#: chance on some tasks over 2,000 steps (seed-0 probe on the val split), 1e-3 does not
+DEFAULT_LRS = {"linear": 1e-2, "full": 5e-4, "lora": 1e-3, "adapter": 1e-2, "mosa": 1e-2, "pear": 1e-2,
                "mosa_hier": 1e-2}
 #: measured on these tasks at the default schedule: 2 experts beat 4 (README, benchmarks/results)
 DEFAULT_MOSA_EXPERTS = 2
 DEFAULT_STEPS = 2000
+SPLIT_SETTINGS = ("methods", "pear_ratios", "lrs")  # may differ between runs merged into one table (lrs: per method)
+LR_KEYS = {"pear": ("adapter", "pear")}  # learning rates a method's rows depend on (Pear: the adapter's warm-up too)
 COST_METHODS = ("full", "adapter", "mosa", "mosa_kl", "pear")
 Log = Callable[[str], None]
 
@@ -134,7 +140,7 @@ class Trainer:
             started = time.perf_counter()
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, len(self.batches), self.lr)
-            idx = self.batches[step]
+            idx = self.batches[step].to(self.x.device)
             x, y = self.x[idx], self.y[idx]
             logits = self.model(x)
             loss = F.cross_entropy(logits, y)
@@ -145,6 +151,8 @@ class Trainer:
             if self.on_backward is not None:
                 self.on_backward(step)
             self.optimizer.step()
+            if self.x.is_cuda:
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - started)
         self.model.eval()
 
@@ -200,7 +208,7 @@ def _run_methods(base: nn.Module, task, seed: int, settings: dict[str, Any], cac
 
     if "linear" in methods:
         torch.manual_seed(seed)
-        head = nn.Linear(cache["features_train"].shape[1], task.num_classes)
+        head = nn.Linear(cache["features_train"].shape[1], task.num_classes).to(train_y.device)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         trainer = Trainer(head, cache["features_train"], train_y, batches, lrs["linear"])
@@ -241,7 +249,8 @@ def _run_methods(base: nn.Module, task, seed: int, settings: dict[str, Any], cac
         if "pear" in methods:
             snapshot["model"] = copy.deepcopy(model)
             snapshot["importance"] = vistune.importance_scores(model)
-        trainer.run(warmup, steps)
+        if "adapter" in methods:  # a Pear-only run stops the adapter at the warm-up: its rows need only its size
+            trainer.run(warmup, steps)
         adapter_stored = stored_tuner(model, "adapter")
         if "adapter" in methods:
             accuracy, infer = evaluate(model, test_x, test_y)
@@ -295,7 +304,9 @@ def prepare_task(base: nn.Module, task, settings: dict[str, Any]) -> dict[str, A
     """Normalised train (+val) / test tensors and frozen features for the linear probe (computed once per task)."""
     train_x, train_y = task.split(settings["fit_split"])
     test_x, test_y = task.split(settings.get("eval_split", "test"))
-    cache = {"train_x": normalize(base, train_x), "train_y": train_y, "test_x": normalize(base, test_x), "test_y": test_y}
+    device = next(base.parameters()).device
+    cache = {"train_x": normalize(base, train_x).to(device), "train_y": train_y.to(device),
+             "test_x": normalize(base, test_x).to(device), "test_y": test_y.to(device)}
     if "linear" in settings["methods"]:
         cache["features_train"], _ = _features(base, cache["train_x"])
         cache["features_test"], cache["base_inference_s"] = _features(base, cache["test_x"])
@@ -321,6 +332,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         line = {
             "method": method,
             "per_task": per_task,
+            "tasks": len(per_task),  # fewer than the table's when a merged table lacks some of this method's runs
             "mean": statistics.mean(per_task.values()),
             "std_over_seeds": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0,
             "trainable_params": statistics.mean(r["trainable_params"] for r in mine),
@@ -332,6 +344,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _points_apart(line: dict[str, Any], reference: dict[str, Any]) -> float:
+    """Mean accuracy of ``line`` minus ``reference``'s in points, over the tasks both have."""
+    common = [t for t in reference["per_task"] if t in line["per_task"]]
+    if not common:
+        return float("nan")
+    return 100 * statistics.mean(line["per_task"][t] - reference["per_task"][t] for t in common)
+
+
 def targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets, checked on this run: MoSA >= adapter at equal inference cost; Pear-0.5 <= 0.55x the
     adapter's bytes and within 0.5 points of its accuracy."""
@@ -339,42 +359,54 @@ def targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if "adapter" in by and "mosa" in by:
         a, m = by["adapter"], by["mosa"]
-        result["mosa_minus_adapter_points"] = 100 * (m["mean"] - a["mean"])
-        result["mosa_ge_adapter"] = m["mean"] >= a["mean"]
+        result["mosa_minus_adapter_points"] = _points_apart(m, a)
+        result["mosa_ge_adapter"] = result["mosa_minus_adapter_points"] >= 0
         result["mosa_stored_equals_adapter"] = m["stored_bytes"] == a["stored_bytes"]
     if "adapter" in by and "pear-0.5" in by:
         a, p = by["adapter"], by["pear-0.5"]
         result["pear50_bytes_ratio"] = p["stored_bytes"] / a["stored_bytes"]
-        result["pear50_minus_adapter_points"] = 100 * (p["mean"] - a["mean"])
+        result["pear50_minus_adapter_points"] = _points_apart(p, a)
         result["pear50_bytes_ok"] = result["pear50_bytes_ratio"] <= 0.55
         result["pear50_accuracy_ok"] = result["pear50_minus_adapter_points"] >= -0.5
     return result
+
+
+def _split_size(info: dict[str, Any], split: str) -> str:
+    """Image count of ``split`` ("trainval" is train + val) from a task summary, as header text."""
+    if split == "trainval":
+        return f"{info['train_size']}+{info['val_size']}"
+    return str(info[f"{split}_size"])
 
 
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     tasks = meta["tasks"]
     kinds = {t["name"]: t["kind"][:4] for t in meta["task_info"]}
     head = " | ".join(f"{t} ({kinds[t]})" for t in (x["name"] for x in meta["task_info"]))
+    info, fit = meta["task_info"][0], meta["fit_split"]
+    evaluate = meta["settings"].get("eval_split", "test")
     lines = [
         f"Adapter family on {len(tasks)} VTAB-1k-style shapes-world tasks, {meta['model']} frozen; "
-        f"{meta['steps']} steps x batch {meta['batch_size']} on {meta['fit_split']} "
-        f"({meta['task_info'][0]['train_size']}+{meta['task_info'][0]['val_size']} images), "
-        f"test {meta['task_info'][0]['test_size']} images, seeds {meta['seeds']}; {meta['env']['device']}, "
+        f"{meta['steps']} steps x batch {meta['batch_size']} on {fit} ({_split_size(info, fit)} images), "
+        f"evaluated on {evaluate} ({_split_size(info, evaluate)} images), seeds {meta['seeds']}; "
+        f"{meta['env']['device']}, "
         f"{meta['env']['threads']} thread(s); wall {meta['wall_seconds'] / 60:.1f} min"
-        + (f" (the longest of {meta['parts']} parts run in parallel)" if meta.get("parts") else ""),
+        + (f" (the longest of {meta['parts']} parts; {sum(meta.get('part_wall_seconds', [0])) / 60:.1f} min in all)"
+           if meta.get("parts") else ""),
         "",
         f"| method | {head} | mean acc (± std over seeds) | trainable params | stored bytes | step (ms) | inference (ms/img) |",
         "|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
     ]
     for s in summary:
         cells = " | ".join(f"{100 * s['per_task'][t]:.1f}" if t in s["per_task"] else "-" for t in tasks)
+        some = f" ({s['tasks']} of {len(tasks)} tasks)" if s.get("tasks", len(tasks)) < len(tasks) else ""
         lines.append(
-            f"| {s['method']} | {cells} | {100 * s['mean']:.2f} ± {100 * s['std_over_seeds']:.2f} | "
+            f"| {s['method']} | {cells} | {100 * s['mean']:.2f} ± {100 * s['std_over_seeds']:.2f}{some} | "
             f"{s['trainable_params']:,.0f} | {s['stored_bytes']:,.0f} | {s['step_ms']:.0f} | {s['inference_ms']:.2f} |"
         )
     t = meta.get("targets", {})
     if t:
-        lines += ["", "Targets (issue 8):"]
+        holes = any(s.get("tasks", len(tasks)) < len(tasks) for s in summary)
+        lines += ["", "Targets (issue 8)" + (", on the tasks both methods have:" if holes else ":")]
         if "mosa_ge_adapter" in t:
             lines.append(f"- MoSA - adapter: {t['mosa_minus_adapter_points']:+.2f} points "
                          f"({'met' if t['mosa_ge_adapter'] else 'NOT met'}: MoSA >= adapter); merged MoSA stores "
@@ -417,10 +449,14 @@ def run(tasks=DEFAULT_TASKS, seeds=(0, 1, 2), steps: int = DEFAULT_STEPS, batch_
         raise ValueError(f"pear_warmup must be a fraction of the steps in (0, 1), got {pear_warmup}")
     if not tasks and not imagefolders:
         raise ValueError("no tasks: name shapes-world tasks or give image folders")
+    for ratio in pear_ratios if "pear" in methods else ():
+        if not 0 < ratio < 1:  # checked here, not after the adapter's warm-up
+            raise ValueError(f"Pear prune ratios must lie in (0, 1), got {ratio}")
     started = time.perf_counter()
-    if not torch.cuda.is_available():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models run fastest on one thread, and the machine is shared
-    base = load_model(model_dir)
+    base = load_model(model_dir).to(device)
     image_size = base.patch_embed.img_size[0]
     settings = {"methods": list(methods), "steps": steps, "batch_size": batch_size, "lrs": {**DEFAULT_LRS, **(lrs or {})},
                 "bottleneck": bottleneck, "lora_rank": lora_rank, "mosa_experts": mosa_experts, "mosa_kl": mosa_kl,
@@ -444,7 +480,7 @@ def run(tasks=DEFAULT_TASKS, seeds=(0, 1, 2), steps: int = DEFAULT_STEPS, batch_
         meta = {"model": "tiny shapes ViT (assets/tiny-vit-shapes)" if model_dir is None else model_dir,
                 "tasks": [t["name"] for t in task_info], "task_info": task_info, "seeds": list(seeds),
                 "steps": steps, "batch_size": batch_size, "fit_split": fit_split, "settings": settings,
-                "env": environment(torch.device("cpu")), "wall_seconds": time.perf_counter() - started,
+                "env": environment(device), "wall_seconds": time.perf_counter() - started,
                 "complete": done}
         meta["targets"] = targets(summary)
         note = "" if done else f"PARTIAL: {len(task_info)} of {len(loaders)} tasks done\n\n"
@@ -455,19 +491,32 @@ def run(tasks=DEFAULT_TASKS, seeds=(0, 1, 2), steps: int = DEFAULT_STEPS, batch_
 
 def merge_results(paths: list[str], output_dir: str = "benchmarks/results", name: str = "adapters",
                   log: Log = print) -> dict[str, Any]:
-    """Combine complete accuracy runs with the same settings, split across processes (by task or seed), into one
-    ``<name>.json`` / ``<name>.md``, as if one run had measured every row."""
+    """Combine accuracy runs with the same settings, split across processes or sessions (by task, seed, method or
+    Pear ratio), into one ``<name>.json`` / ``<name>.md``, as if one run had measured every row. A partial run
+    (interrupted) contributes its finished tasks; cells no part measured are listed at the top of the table."""
     if len(paths) < 2:
         raise ValueError(f"merging needs at least two result files, got {len(paths)}")
     parts = [_read_part(p) for p in paths]
     first = parts[0]["meta"]
     for path, part in zip(paths, parts):
         meta = part["meta"]
-        if not meta.get("complete", False):
-            raise ValueError(f"{path} is a partial run; finish it (or run its missing tasks) before merging")
-        for key in ("model", "steps", "batch_size", "fit_split", "settings"):
+        if not meta.get("complete", False):  # its finished tasks hold every seed and method: usable as they are
+            log(f"{path}: a partial run; merging its {len(meta['task_info'])} finished task(s) "
+                f"({', '.join(meta['tasks'])})")
+        for key in ("model", "steps", "batch_size", "fit_split"):
             if meta[key] != first[key]:
                 raise ValueError(f"{path} was run with another {key} ({meta[key]!r}) than {paths[0]} ({first[key]!r})")
+        for key in set(meta["settings"]) | set(first["settings"]):
+            if key not in SPLIT_SETTINGS and meta["settings"].get(key) != first["settings"].get(key):
+                raise ValueError(f"{path} was run with another {key} ({meta['settings'].get(key)!r}) than "
+                                 f"{paths[0]} ({first['settings'].get(key)!r})")
+    lrs: dict[str, float] = {}
+    for path, part in zip(paths, parts):
+        settings = part["meta"]["settings"]
+        for key in {k for m in settings["methods"] for k in LR_KEYS.get(m, (m,))}:
+            if lrs.setdefault(key, settings["lrs"][key]) != settings["lrs"][key]:
+                raise ValueError(f"{path} trains {key} at another learning rate ({settings['lrs'][key]}) than an "
+                                 f"earlier part ({lrs[key]})")
     rows, seen = [], set()
     for path, part in zip(paths, parts):
         for row in part["rows"]:
@@ -477,12 +526,23 @@ def merge_results(paths: list[str], output_dir: str = "benchmarks/results", name
             seen.add(key)
             rows.append(row)
     task_info = list({t["name"]: t for part in parts for t in part["meta"]["task_info"]}.values())
+    methods = {m for part in parts for m in part["meta"]["settings"]["methods"]}
+    settings = {**first["settings"], "methods": [m for m in METHODS if m in methods],
+                "lrs": {k: lrs[k] for k in METHODS if k in lrs},
+                "pear_ratios": sorted({r for part in parts for r in part["meta"]["settings"]["pear_ratios"]})}
+    walls = [w for part in parts for w in part["meta"].get("part_wall_seconds", [part["meta"]["wall_seconds"]])]
     summary = summarize(rows)
-    meta = {**first, "tasks": [t["name"] for t in task_info], "task_info": task_info,
+    meta = {**first, "tasks": [t["name"] for t in task_info], "task_info": task_info, "settings": settings,
             "seeds": sorted({s for part in parts for s in part["meta"]["seeds"]}),
-            "wall_seconds": max(part["meta"]["wall_seconds"] for part in parts), "parts": len(parts),
-            "complete": True, "targets": targets(summary)}
-    table = _write_results(output_dir, name, meta, summary, rows)
+            "wall_seconds": max(walls), "part_wall_seconds": walls, "parts": len(walls),
+            "targets": targets(summary)}
+    cells = {(r["method"], r["task"], r["seed"]) for r in rows}
+    missing = [(s["method"], t["name"]) for s in summary for t in task_info
+               if any((s["method"], t["name"], seed) not in cells for seed in meta["seeds"])]
+    meta["complete"] = not missing
+    note = "" if not missing else (f"INCOMPLETE: {len(missing)} (method, task) cells lack some or all seeds: "
+                                   + ", ".join(f"{m} on {t}" for m, t in missing) + "\n\n")
+    table = _write_results(output_dir, name, meta, summary, rows, note)
     log(table)
     return {"meta": meta, "summary": summary, "rows": rows}
 
@@ -549,7 +609,8 @@ def run_cost_case(case: dict[str, Any]) -> dict[str, Any]:
             if method == "pear":  # Pear after pruning half the adapters (the cost of the rest of training)
                 prune_and_share(model, 0.5, importance={f"mlp.{i}": float(i % 3) for i in range(len(model.blocks))})
         elif method in ("mosa", "mosa_kl"):
-            vistune.attach(model, vistune.MoSAConfig(bottleneck=bottleneck, share="down"))
+            vistune.attach(model, vistune.MoSAConfig(bottleneck=bottleneck, share="down",
+                                                     num_experts=case.get("mosa_experts", DEFAULT_MOSA_EXPERTS)))
         else:
             raise ValueError(f"unknown cost method {method!r}; choose from {COST_METHODS}")
         model.head.requires_grad_(True)
@@ -573,16 +634,17 @@ def cost_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     env = meta["env"]
     lines = [
         f"Adapter family training cost vs full fine-tuning: ViT-B/16 224 (random weights), bottleneck "
-        f"{meta['bottleneck']}, {env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
+        f"{meta['bottleneck']}, MoSA {meta.get('mosa_experts', 4)} experts, "
+        f"{env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
         f"{meta['threads']} thread(s), median of {meta['steps']} steps after {meta['warmup']} warm-up, "
         "each case in a fresh process",
         "",
-        "| method | batch | trainable params | peak memory (MB) | step time (s) | memory / full | time / full |",
+        "| method | batch | trainable params | peak memory (MB) | step time (ms) | memory / full | time / full |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['batch_size']} | {r['trainable_params']:,d} | {r['peak_memory_mb']:.0f} | "
-                     f"{r['step_seconds']:.2f} | {r.get('memory_vs_full', float('nan')):.3f} | "
+                     f"{r['step_seconds'] * 1000:.1f} | {r.get('memory_vs_full', float('nan')):.3f} | "
                      f"{r.get('time_vs_full', float('nan')):.3f} |")
     lines += ["", "mosa = MoSA training without the consistency loss, mosa_kl = with it (a second forward); "
               "pear = the adapter after pruning half of the positions (shared adapters still run everywhere)."]
@@ -590,8 +652,8 @@ def cost_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def run_cost(batch_sizes=(2, 8), steps: int = 2, warmup: int = 1, methods=COST_METHODS, bottleneck: int = 16,
-             threads: int = 1, output_dir: str = "benchmarks/results", name: str = "adapters_cost",
-             log: Log = print) -> list[dict[str, Any]]:
+             mosa_experts: int = DEFAULT_MOSA_EXPERTS, threads: int = 1, output_dir: str = "benchmarks/results",
+             name: str = "adapters_cost", log: Log = print) -> list[dict[str, Any]]:
     """Each (method, batch) in a fresh subprocess; ratios to full fine-tuning of the same batch size."""
     unknown = sorted(set(methods) - set(COST_METHODS))
     if unknown:
@@ -601,7 +663,7 @@ def run_cost(batch_sizes=(2, 8), steps: int = 2, warmup: int = 1, methods=COST_M
         for method in methods:
             log(f"measuring {method} at batch {batch} ...")
             case = {"method": method, "batch_size": batch, "steps": steps, "warmup": warmup, "bottleneck": bottleneck,
-                    "threads": threads}
+                    "mosa_experts": mosa_experts, "threads": threads}
             rows.append(run_case("vistune.bench.adapters", case))
     for row in rows:
         ref = next((r for r in rows if r["method"] == "full" and r["batch_size"] == row["batch_size"]), None)
@@ -609,7 +671,8 @@ def run_cost(batch_sizes=(2, 8), steps: int = 2, warmup: int = 1, methods=COST_M
             row["memory_vs_full"] = row["peak_memory_mb"] / ref["peak_memory_mb"] if ref["peak_memory_mb"] else float("nan")
             row["time_vs_full"] = row["step_seconds"] / ref["step_seconds"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = {"bottleneck": bottleneck, "steps": steps, "warmup": warmup, "threads": threads, "env": environment(device)}
+    meta = {"bottleneck": bottleneck, "mosa_experts": mosa_experts, "steps": steps, "warmup": warmup,
+            "threads": threads, "env": environment(device)}
     table = cost_markdown(rows, meta)
     write_results(rows, meta, table, output_dir, name)
     log(table)
@@ -643,10 +706,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8], help="cost mode batch sizes")
     parser.add_argument("--output-dir", default="benchmarks/results")
-    parser.add_argument("--name", default=None, help="results file name (default: adapters, or adapters_quick)")
+    parser.add_argument("--name", default=None, help="results file name (default: adapters, adapters_quick or adapters_cost)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
-                        help="instead of running: combine complete result files of runs split by task or seed "
-                             "(same settings) into <output-dir>/<name>.{json,md}")
+                        help="instead of running: combine result files of runs split by task, seed, method or "
+                             "Pear ratio (same other settings; a partial run gives its finished tasks) into "
+                             "<output-dir>/<name>.{json,md}")
 
 
 def _parse_lrs(items: list[str]) -> dict[str, float]:
@@ -669,7 +733,7 @@ def run_from_args(args: argparse.Namespace) -> None:
     if args.cost:
         methods = args.methods or list(COST_METHODS)
         run_cost(args.batch_sizes, args.steps or 2, methods=methods, bottleneck=args.bottleneck,
-                 output_dir=args.output_dir)
+                 mosa_experts=args.mosa_experts, output_dir=args.output_dir, name=args.name or "adapters_cost")
         return
     tasks = args.tasks if args.tasks is not None else ([] if args.imagefolder else list(DEFAULT_TASKS))
     kwargs: dict[str, Any] = dict(

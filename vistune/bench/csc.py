@@ -9,7 +9,9 @@ Methods: ``csc`` (SCEdit's official widths: encoder output 256, ratio 1.0, 3x3 p
 method's trainable modules and time optimizer steps (forward + backward + AdamW step) with a random control image
 of 8x the latent size. Peak memory is therefore what the method adds to the frozen U-Net: its weights, gradients,
 AdamW state and activations. Ratios are to ControlNet at the same batch size, measured in the same run. CUDA is
-used when present (bf16 autocast for every method alike); on CPU the latent is smaller (default 32x32).
+used when present (bf16 autocast for every method alike, the frozen U-Net stored in bf16 and the trained modules
+in fp32, as ``scripts/train_csc_tuner.py --mixed_precision bf16``); on CPU everything is fp32 and the latent is
+smaller (default 32x32).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from .runner import measure_training, suite_main
-from .sc import _build_unet, add_unet_arguments, run_unet_suite
+from .sc import _build_unet, _precision, add_unet_arguments, frozen_dtype, run_unet_suite
 
 METHODS = ("controlnet", "csc", "csc_1x1")
 #: Targets of the CSC issue: trainable params and peak memory (batch 4) as fractions of ControlNet's.
@@ -44,7 +46,7 @@ def _setup(method: str, unet, image: torch.Tensor):
     if method == "controlnet":
         from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_unet(unet).to(image.device).train()
+        controlnet = ControlNetModel.from_unet(unet).to(image.device, torch.float32).train()
         controlnet.requires_grad_(True)
 
         def forward(sample, timestep, context):
@@ -61,7 +63,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     """Measure one (method, batch size) in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    unet = _build_unet(case["config"], device).train()
+    unet = _build_unet(case["config"], device).train().to(frozen_dtype(device))
     batch, latent = case["batch_size"], case["latent"]
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, 4, latent, latent, generator=generator).to(device)
@@ -99,7 +101,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"CSC-Tuner vs diffusers ControlNet (`ControlNetModel.from_unet`): U-Net `{meta['config']}`, latent "
         f"{meta['latent']}x{meta['latent']} (control image {8 * meta['latent']}x{8 * meta['latent']}), "
         f"{meta['env']['device']}{gpu}, {meta['env']['threads']} thread(s), median of {meta['steps']} step(s) after "
-        f"{meta['warmup']} warm-up. Peak memory: what the method adds to the frozen U-Net (weights, gradients, "
+        f"{meta['warmup']} warm-up{_precision(meta)}. Peak memory: what the method adds to the frozen U-Net (weights, gradients, "
         "AdamW state, activations).",
         "",
         "| method | batch | trainable params | peak memory (MB) | step time (s) | params / ControlNet | memory / ControlNet | time / ControlNet |",
@@ -138,11 +140,11 @@ def run(batch_sizes=(1, 4), steps: int = 2, warmup: int = 1, latent: int | None 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_unet_arguments(parser, METHODS, steps=2)
+    add_unet_arguments(parser, METHODS, steps=2, name="csc")
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir)
+    run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir, args.name)
 
 
 def main(argv=None) -> int:

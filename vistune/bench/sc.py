@@ -5,8 +5,10 @@
 
 Each (method, batch size) runs in a fresh subprocess: build the U-Net, set the method up, then time
 optimizer steps (forward + backward + AdamW step) and measure the peak memory above the resting model.
-The text conditioning is a frozen tensor of the SD shape (77 x 768). CUDA is used when present (bf16 autocast
-for every method alike); on CPU the latent is smaller (default 32x32) so the run fits the machine.
+The text conditioning is a frozen tensor of the SD shape (77 x 768). CUDA is used when present, with the recipe of
+``scripts/train_sc_tuner.py --mixed_precision bf16``: bf16 autocast for every method, the frozen U-Net stored in bf16
+for LoRA and SC-Tuner (their trained weights stay fp32), fp32 weights for full fine-tuning. On CPU everything is fp32
+and the latent is smaller (default 32x32) so the run fits the machine.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def _build_unet(config_name: str, device: torch.device):
     return unet
 
 
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a frozen backbone is stored in: bf16 on CUDA (as the training scripts under mixed precision), fp32
+    on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _setup(method: str, unet) -> list[torch.nn.Parameter]:
     import vistune
 
@@ -49,6 +57,9 @@ def _setup(method: str, unet) -> list[torch.nn.Parameter]:
 
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(unet, dtype=torch.float32)  # LoRA weights in fp32 on a bf16 backbone
     elif method == "sc":
         vistune.attach(unet, vistune.SCTunerConfig(down_ratio=1.0))
     else:
@@ -61,6 +72,8 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     unet = _build_unet(case["config"], device).train()
+    if case["method"] != "full":
+        unet.to(frozen_dtype(device))
     params = _setup(case["method"], unet)
     batch, latent = case["batch_size"], case["latent"]
     sample = torch.randn(batch, 4, latent, latent, device=device)
@@ -86,11 +99,17 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _precision(meta: dict[str, Any]) -> str:
+    if meta.get("frozen_dtype", "float32") == "float32":
+        return ""
+    return f"; bf16 autocast, frozen U-Net stored in {meta['frozen_dtype']}, trained weights fp32"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"SC-Tuner vs peft LoRA (r=64) vs full fine-tuning: U-Net `{meta['config']}`, latent {meta['latent']}x{meta['latent']}, "
         f"{meta['env']['device']}{' (' + meta['env'].get('gpu', '') + ')' if 'gpu' in meta['env'] else ''}, "
-        f"median of {meta['steps']} steps after {meta['warmup']} warm-up",
+        f"median of {meta['steps']} steps after {meta['warmup']} warm-up{_precision(meta)}",
         "",
         "| method | batch | trainable params | peak memory (MB) | step time (s) | memory / LoRA | time / LoRA | memory / full |",
         "|---|---|---|---|---|---|---|---|",
@@ -111,13 +130,14 @@ def run_unet_suite(module: str, ratios, markdown, batch_sizes=(1, 4), steps: int
     ``config`` U-Net and ``latent`` size; writes ``<name>.json`` and ``<name>.md``."""
     cuda = torch.cuda.is_available()
     latent = latent or (64 if cuda else 32)
+    device = torch.device("cuda" if cuda else "cpu")
     meta = {"config": config, "latent": latent, "steps": steps, "warmup": warmup,
-            "env": environment(torch.device("cuda" if cuda else "cpu"))}
+            "frozen_dtype": str(frozen_dtype(device)).removeprefix("torch."), "env": environment(device)}
     base = {"latent": latent, "steps": steps, "warmup": warmup, "config": config}
     return sweep(module, methods, batch_sizes, base, meta, ratios, markdown, output_dir, name, log)
 
 
-def add_unet_arguments(parser: argparse.ArgumentParser, methods=METHODS, steps: int = 3) -> None:
+def add_unet_arguments(parser: argparse.ArgumentParser, methods=METHODS, steps: int = 3, name: str = "sc") -> None:
     """The command-line options of a U-Net suite (:func:`run_unet_suite`)."""
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per case (after warm-up)")
@@ -126,6 +146,7 @@ def add_unet_arguments(parser: argparse.ArgumentParser, methods=METHODS, steps: 
     parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
     parser.add_argument("--methods", nargs="+", choices=methods, default=list(methods))
     parser.add_argument("--output-dir", default="benchmarks/results")
+    parser.add_argument("--name", default=name, help="results file name (<name>.json / <name>.md)")
 
 
 def run(batch_sizes=(1, 4), steps: int = 3, warmup: int = 1, latent: int | None = None, config: str = "sd15",
@@ -140,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir)
+    run(args.batch_sizes, args.steps, args.warmup, args.latent, args.config, args.methods, args.output_dir, args.name)
 
 
 def main(argv=None) -> int:
