@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from vistune.cli import main
 from vistune.testing import tiny_unet
@@ -38,11 +39,12 @@ def test_demo_without_the_shipped_model_says_how_to_get_it(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_bench_sc_runs_each_method_in_a_subprocess_and_writes_results(tmp_path, capsys):
     assert main(["bench", "sc", "--config", "tiny", "--batch-sizes", "1", "--steps", "1", "--warmup", "0",
-                 "--latent", "8", "--output-dir", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "sc.json").read_text())
+                 "--latent", "8", "--output-dir", str(tmp_path), "--name", "sc_tiny"]) == 0
+    data = json.loads((tmp_path / "sc_tiny.json").read_text())
+    assert data["meta"]["frozen_dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"full", "lora", "sc"}
     assert rows["sc"]["trainable_params"] == 25_088  # SC-Tuner on the tiny U-Net's six skips
     assert rows["full"]["trainable_params"] == sum(p.numel() for p in tiny_unet().parameters())
     assert rows["lora"]["memory_vs_lora"] == 1.0 and rows["sc"]["peak_memory_mb"] > 0
-    assert "| sc | 1 | 25,088 |" in (tmp_path / "sc.md").read_text()
+    assert "| sc | 1 | 25,088 |" in (tmp_path / "sc_tiny.md").read_text()
