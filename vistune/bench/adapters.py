@@ -249,10 +249,9 @@ def _run_methods(base: nn.Module, task, seed: int, settings: dict[str, Any], cac
         if "pear" in methods:
             snapshot["model"] = copy.deepcopy(model)
             snapshot["importance"] = vistune.importance_scores(model)
+        adapter_stored = stored_tuner(model, "adapter")  # the file's size depends on shapes only
         if "adapter" in methods:  # a Pear-only run stops the adapter at the warm-up: its rows need only its size
             trainer.run(warmup, steps)
-        adapter_stored = stored_tuner(model, "adapter")
-        if "adapter" in methods:
             accuracy, infer = evaluate(model, test_x, test_y)
             rows.append(_row(task, "adapter", seed, accuracy, _count(trainer.params), adapter_stored,
                              trainer.step_seconds(), infer))

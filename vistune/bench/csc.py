@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .runner import measure_training, suite_main
-from .sc import _build_unet, _precision, add_unet_arguments, frozen_dtype, run_unet_suite
+from .runner import frozen_dtype, measure_training, suite_main
+from .sc import _build_unet, _precision, add_unet_arguments, run_unet_suite
 
 METHODS = ("controlnet", "csc", "csc_1x1")
 #: Targets of the CSC issue: trainable params and peak memory (batch 4) as fractions of ControlNet's.

@@ -83,6 +83,12 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a frozen backbone is stored in, matching :func:`autocast_for`: bf16 on CUDA (as the training
+    scripts under ``--mixed_precision bf16``), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def measure_training(
     setup: Callable[[], tuple[list[torch.nn.Parameter], Callable[[], torch.Tensor]]],
     device: torch.device,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..testing import SD15_UNET_CONFIG, TINY_UNET_CONFIG
-from .runner import environment, measure_training, suite_main, sweep
+from .runner import environment, frozen_dtype, measure_training, suite_main, sweep
 
 METHODS = ("full", "lora", "sc")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -39,12 +39,6 @@ def _build_unet(config_name: str, device: torch.device):
         for buffer in unet.buffers():
             buffer.zero_()
     return unet
-
-
-def frozen_dtype(device: torch.device) -> torch.dtype:
-    """The dtype a frozen backbone is stored in: bf16 on CUDA (as the training scripts under mixed precision), fp32
-    on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _setup(method: str, unet) -> list[torch.nn.Parameter]:
