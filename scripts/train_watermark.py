@@ -14,7 +14,8 @@ L_img(D_w(z), D_0(z))`` with ``z`` the VAE encoder's posterior mode of training 
 decoder, ``W`` the frozen whitened extractor (default: the shipped ``assets/watermark-extractor``) and ``L_img =
 100 * MSE + 0.1 * (1 - SSIM)`` (no downloaded perceptual network; see ``vistune.tuners.watermark.losses``).
 AdamW, linear warmup then cosine decay. ``--train_attacks`` reads the tuned decoder's images through random
-attacks during training (an extension; Stable Signature relies on the extractor's robustness alone).
+attacks during training, an extension (Stable Signature relies on the extractor's robustness alone);
+``NAME:WEIGHT`` draws an attack more often.
 
 ``--video`` trains on moving-shape clips (shapes world) with VidSig's objective: per-frame and frame-averaged
 message losses plus a temporal loss on consecutive-frame differences (``vistune.tuners.watermark.video``).
@@ -69,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
     p.add_argument("--lambda_w", type=float, default=1.0, help="weight of the message loss")
     p.add_argument("--lambda_i", type=float, default=1.0, help="weight of the image loss")
-    p.add_argument("--train_attacks", default="", help=f"comma list from {','.join(TRAIN_AUGMENTATIONS)} (default none)")
+    p.add_argument("--train_attacks", default="",
+                   help=f"comma list of NAME or NAME:WEIGHT (drawn in proportion to the weights, default 1) from "
+                        f"{','.join(TRAIN_AUGMENTATIONS)} (default none)")
     p.add_argument("--video", action="store_true",
                    help="train on moving-shape clips with VidSig's temporal objective (--num_train_images clips, "
                         "--train_batch_size clips per step)")
@@ -87,11 +90,30 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if not 0 <= args.pas_fraction < 1:
         p.error("--pas_fraction must be in [0, 1)")
-    args.train_attacks = [a for a in args.train_attacks.split(",") if a]
-    unknown = sorted(set(args.train_attacks) - set(TRAIN_AUGMENTATIONS))
-    if unknown:
-        p.error(f"unknown --train_attacks {unknown}; known: {','.join(TRAIN_AUGMENTATIONS)}")
+    try:
+        args.train_attacks, args.train_attack_weights = parse_attacks(args.train_attacks)
+    except ValueError as err:
+        p.error(f"--train_attacks: {err}")
     return args
+
+
+def parse_attacks(spec: str) -> tuple[list[str], list[float]]:
+    """``"identity,brightness:4"`` -> ``(["identity", "brightness"], [1.0, 4.0])``: attack names and the weights
+    they are drawn with."""
+    names, weights = [], []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, weight = item.partition(":")
+        if name not in TRAIN_AUGMENTATIONS:
+            raise ValueError(f"unknown attack {name!r}; known: {','.join(TRAIN_AUGMENTATIONS)}")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"the weight of {name!r} is not a number: {weight!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"the weight of {name!r} must be a positive number, got {weight!r}")
+        names.append(name)
+        weights.append(value)
+    return names, weights
 
 
 def load_vae(path: str):
@@ -186,7 +208,7 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     vae, optimizer = accelerator.prepare(vae, optimizer)
-    attack = RandomAttack(args.train_attacks) if args.train_attacks else None
+    attack = RandomAttack(args.train_attacks, args.train_attack_weights) if args.train_attacks else None
     first_step = resume_training(resume, {"tuner": tuner}, optimizer, scheduler, accelerator.print)
     accelerator.print(f"{len(latents)} training {'clips' if args.video else 'images'}; {sum(p.numel() for p in params):,d} tuned decoder parameters "
                       f"({len(tuner.tuned)} layers); key {key.to_string()}")

@@ -72,6 +72,18 @@ def test_training_augmentations_are_differentiable(choice):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_random_attack_draws_in_proportion_to_integer_or_float_weights():
+    attack = RandomAttack(["identity", "brightness"], [1, 3])  # integers are weights too
+    g = torch.Generator().manual_seed(0)
+    draws = [attack.augmentations[int(torch.multinomial(attack.weights, 1, generator=g))] for _ in range(2000)]
+    assert 0.70 < draws.count("brightness") / len(draws) < 0.80
+    only = RandomAttack(["identity", "brightness"], [0.0, 2.5])  # a zero weight is never drawn
+    assert {int(torch.multinomial(only.weights, 1, generator=g)) for _ in range(200)} == {1}
+    for bad in ([1.0], [1.0, -1.0], [0, 0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="non-negative numbers"):
+            RandomAttack(["identity", "brightness"], bad)
+
+
 def test_random_attack_draws_are_seeded_and_names_checked():
     x = images()
     a = RandomAttack()(x, torch.Generator().manual_seed(5))

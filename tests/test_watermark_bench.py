@@ -27,8 +27,11 @@ def test_bench_watermark_runs_and_writes_results(tmp_path):
     assert set(entry["attacks"]) == set(bench.REPORT_ATTACKS) and results["num_clean"] == 60
     assert 0 <= entry["attacks"]["none"]["bit_acc"] <= 1 and entry["psnr"] > 20
     assert set(results["timing_s_per_image"]) == {"base", "watermarked_decoder", "base_plus_posthoc_hidden"}
+    assert set(results["decode_ms_per_image"]) == set(results["timing_s_per_image"])
+    assert all(v > 0 for v in results["decode_ms_per_image"].values())
     saved = json.loads((tmp_path / "results" / "watermark.json").read_text())
     assert saved["rows"][0]["num_images"] == 3
     assert "| none |" in (tmp_path / "results" / "watermark.md").read_text()
+    assert "| latents -> image |" in (tmp_path / "results" / "watermark.md").read_text()
     with pytest.raises(FileNotFoundError, match="not an output of scripts/train_watermark.py"):
         bench.run_from_args(parser.parse_args(["--watermarked", str(tmp_path)]))

@@ -217,6 +217,19 @@ def test_shipped_extractor_is_whitened_and_small():
     assert max(int((bits == k).sum(1).max()) for k in keys) < detector.threshold  # no false positive
 
 
+def test_clean_images_of_any_count():
+    from vistune.assets import load_tiny_sd
+    from vistune.tuners.watermark.data import clean_images
+
+    vae = load_tiny_sd().vae
+    assert clean_images(0, vae=vae).shape == (0, 3, 32, 32)  # the benchmark asks for none when it has enough
+    one, three = clean_images(1, seed=3, vae=vae), clean_images(3, seed=3, vae=vae)
+    torch.testing.assert_close(one, three[:1])  # item i depends on (seed, i) only; even items are raw scenes
+    assert not torch.equal(three[1], clean_images(3, seed=3)[1])  # odd items are VAE reconstructions
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        clean_images(-1)
+
+
 class PatchReader(HiddenExtractor):
     """A 'flatten' extractor that reads ``key`` when the top-left pixel is at least mid-grey and its complement
     when it is dark: a stand-in whose readings differ between a dark crop and the same crop on a grey canvas."""

@@ -134,6 +134,17 @@ def test_training_embeds_the_key():
     assert logs["psnr"] > 15  # a random extractor on a random VAE: the mechanism, not the shipped quality
 
 
+def test_train_attacks_take_weights():
+    script = load_script("train_watermark")
+    assert script.parse_attacks("identity, brightness:4,jpeg:0.5") == (["identity", "brightness", "jpeg"], [1.0, 4.0, 0.5])
+    for spec, message in [("identity,glitter", "unknown attack 'glitter'"), ("brightness:x", "not a number"),
+                          ("brightness:0", "positive"), ("jpeg:-1", "positive"), ("jpeg:nan", "positive")]:
+        with pytest.raises(ValueError, match=message):
+            script.parse_attacks(spec)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--train_attacks", "brightness:0"])
+
+
 @pytest.mark.slow
 def test_train_watermark_script_end_to_end(tmp_path):
     vae = tiny_vae()
@@ -143,7 +154,7 @@ def test_train_watermark_script_end_to_end(tmp_path):
     args = ["--pretrained_model_name_or_path", str(tmp_path / "sd"), "--extractor", str(tmp_path / "extractor"),
             "--output_dir", str(tmp_path / "out"), "--num_train_images", "16", "--train_batch_size", "4",
             "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "1", "--pas_fraction", "0.2",
-            "--learning_rate", "1e-3", "--train_attacks", "identity,jpeg"]
+            "--learning_rate", "1e-3", "--train_attacks", "identity,jpeg:2"]
     assert script.main(args) == 0
     out = tmp_path / "out"
     key = WatermarkKey.load(out / "key.json", num_bits=16)
@@ -155,7 +166,7 @@ def test_train_watermark_script_end_to_end(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(watermarked.state_dict().values(), vae.state_dict().values()))
     # resuming from the step-2 checkpoint reproduces the uninterrupted run exactly
     assert script.main(args[:-4] + ["--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2",
-                                    "--pas_fraction", "0.2", "--learning_rate", "1e-3", "--train_attacks", "identity,jpeg"]) == 0
+                                    "--pas_fraction", "0.2", "--learning_rate", "1e-3", "--train_attacks", "identity,jpeg:2"]) == 0
     args2 = [a if a != str(tmp_path / "out") else str(tmp_path / "resumed") for a in args]
     assert script.main(args2 + ["--resume_from_checkpoint", "latest"]) == 0
     again = AutoencoderKL.from_pretrained(tmp_path / "resumed" / "vae")

@@ -14,7 +14,8 @@ original and the watermarked decoder and reports, in one run:
 * the empirical false-positive count on ``--num_clean`` unwatermarked images (shapes scenes, their VAE
   reconstructions and the original decoder's generations) and the mean/correlation of their bits;
 * generation time (s/image, same prompts and seeds) with the original decoder, the watermarked decoder, and the
-  original decoder followed by the post-hoc HiDDeN encoder (the baseline the in-generation watermark replaces).
+  original decoder followed by the post-hoc HiDDeN encoder (the baseline the in-generation watermark replaces),
+  and the time of the step they differ in alone (latents -> image), steadier than whole generations.
 
 ``--compare`` adds the same quality and robustness columns for a second folder (e.g. a PAS run) side by side.
 """
@@ -100,6 +101,29 @@ def _time_generation(pipe, prompts: list[str], steps: int, seed: int, post=None)
         if post is not None:
             image = post(image)
     return (time.perf_counter() - start) / len(prompts)
+
+
+#: Interleaved repetitions of the decode-only timing (the median counts).
+DECODE_ROUNDS = 21
+
+
+@torch.no_grad()
+def _time_decode(variants: dict, latents: torch.Tensor) -> dict[str, float]:
+    """Milliseconds per image of the step the variants differ in, latents -> image (decoder, plus the post-hoc
+    embedder where there is one): the median of :data:`DECODE_ROUNDS` interleaved repetitions, much steadier than
+    whole generations, whose U-Net steps are the same for every variant."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(DECODE_ROUNDS + 1):
+        for name, (vae, hook) in variants.items():
+            start = time.perf_counter()
+            image = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+            if hook is not None:
+                image = hook(image)
+            if latents.is_cuda:
+                torch.cuda.synchronize()
+            if round_:  # the first round warms up
+                times[name].append((time.perf_counter() - start) * 1000 / len(latents))
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def _bits_table(detector, images: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -217,6 +241,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
             timing[name] = min(timing[name], _time_generation(pipe, timing_prompts, args.steps, args.seed, hook))
     pipe.vae = base_vae
     results["timing_s_per_image"] = timing
+    results["decode_ms_per_image"] = _time_decode(variants, latents[: args.timing_images].to(device))
     if args.video_watermarked:
         results["video"] = video_section(args, pipe.vae, extractor, Path(args.video_watermarked))
     meta = {"env": environment(device), "args": {k: v for k, v in vars(args).items() if k != "func"}}
@@ -289,6 +314,11 @@ def format_table(results: dict[str, Any], fpr: float) -> str:
     lines += ["", f"| generation | s/image (best of {TIMING_ROUNDS} interleaved rounds) | vs base |", "|---|---|---|"]
     for name, value in t.items():
         lines.append(f"| {name} | {value:.4f} | {value / t['base']:.3f}x |")
+    d = results.get("decode_ms_per_image")
+    if d:
+        lines += ["", f"| latents -> image | ms/image (median of {DECODE_ROUNDS} interleaved repetitions) | vs base |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {value:.3f} | {value / d['base']:.3f}x |" for name, value in d.items()]
     video = results.get("video")
     if video:
         lines += ["", f"Video ({video['clips']} moving-shape clips x {video['frames']} frames, {Path(video['folder']).name}): "

@@ -292,7 +292,11 @@ class RandomAttack(nn.Module):
         if unknown:
             raise ValueError(f"unknown augmentation(s) {unknown}; known: {list(TRAIN_AUGMENTATIONS)}")
         self.augmentations = list(augmentations)
-        self.weights = torch.tensor(weights if weights is not None else [1.0] * len(self.augmentations))
+        weights = [1.0] * len(self.augmentations) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.augmentations) or not all(w >= 0 and math.isfinite(w) for w in weights) \
+                or sum(weights) <= 0:
+            raise ValueError(f"weights must be {len(self.augmentations)} non-negative numbers, not all zero; got {weights}")
+        self.weights = torch.tensor(weights, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         choice = self.augmentations[int(torch.multinomial(self.weights, 1, generator=generator))]

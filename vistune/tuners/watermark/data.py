@@ -12,11 +12,15 @@ from ...data.shapes import STYLES, sample_scene
 def shapes_images(count: int, seed: int = 0, size: int = 32) -> torch.Tensor:
     """``count`` shapes-world scenes in every style, ``(count, 3, size, size)`` floats in [0, 1]; item ``i`` depends
     only on ``(seed, i)``."""
-    images = []
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    images: list[np.ndarray] = []
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         style = STYLES[int(rng.integers(len(STYLES)))]
         images.append(sample_scene(rng, size=size, style=style).image)
+    if not images:
+        return torch.empty(0, 3, size, size)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
@@ -42,6 +46,6 @@ def clean_images(count: int, seed: int = 0, size: int = 32, vae: nn.Module | Non
     """Unwatermarked images: shapes scenes, and with a ``vae`` every second one replaced by its VAE
     reconstruction (the look of the decoder's outputs)."""
     images = shapes_images(count, seed, size)
-    if vae is not None:
+    if vae is not None and count > 1:
         images[1::2] = decode_latents(vae, encode_latents(vae, images[1::2]))
     return images
