@@ -47,7 +47,7 @@ from vistune.core.serialization import atomic_write, save_tuners
 from vistune.sd_training import batch_indices, step_generator
 from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.watermark import WatermarkConfig, WatermarkKey, load_extractor, pas_select, pas_sensitivity
-from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack
+from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack, parse_attack_spec
 from vistune.tuners.watermark.data import decode_latents, encode_latents, shapes_images
 from vistune.tuners.watermark.train import attach_watermark, merged_vae, save_vae, watermark_loss
 from vistune.tuners.watermark.video import video_watermark_loss
@@ -91,29 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 <= args.pas_fraction < 1:
         p.error("--pas_fraction must be in [0, 1)")
     try:
-        args.train_attacks, args.train_attack_weights = parse_attacks(args.train_attacks)
+        args.train_attacks, args.train_attack_weights = parse_attack_spec(args.train_attacks)
     except ValueError as err:
         p.error(f"--train_attacks: {err}")
     return args
-
-
-def parse_attacks(spec: str) -> tuple[list[str], list[float]]:
-    """``"identity,brightness:4"`` -> ``(["identity", "brightness"], [1.0, 4.0])``: attack names and the weights
-    they are drawn with."""
-    names, weights = [], []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, weight = item.partition(":")
-        if name not in TRAIN_AUGMENTATIONS:
-            raise ValueError(f"unknown attack {name!r}; known: {','.join(TRAIN_AUGMENTATIONS)}")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"the weight of {name!r} is not a number: {weight!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"the weight of {name!r} must be a positive number, got {weight!r}")
-        names.append(name)
-        weights.append(value)
-    return names, weights
 
 
 def load_vae(path: str):

@@ -41,7 +41,7 @@ from vistune.core.serialization import atomic_write
 from vistune.sd_training import batch_indices, step_generator
 from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.watermark.attacks import (
-    EXTRACTOR_AUGMENTATIONS, TRAIN_AUGMENTATIONS, RandomAttack, quantize_straight_through,
+    EXTRACTOR_AUGMENTATIONS, TRAIN_AUGMENTATIONS, RandomAttack, parse_attack_spec, quantize_straight_through,
 )
 from vistune.tuners.watermark.data import clean_images
 from vistune.tuners.watermark.hidden import ExtractorConfig, HiddenEncoder, HiddenExtractor, save_extractor, whiten
@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scaling_w", type=float, default=0.03, help="encoder residual scale (images in [0, 1])")
     p.add_argument("--lambda_i", type=float, default=1.0, help="weight of the encoder's image MSE loss")
     p.add_argument("--augmentations", default=",".join(EXTRACTOR_AUGMENTATIONS),
-                   help=f"comma list from {','.join(TRAIN_AUGMENTATIONS)}")
+                   help=f"comma list of NAME or NAME:WEIGHT (drawn in proportion to the weights, default 1) from "
+                        f"{','.join(TRAIN_AUGMENTATIONS)}")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--num_train_images", type=int, default=4096)
     p.add_argument("--num_whitening_images", type=int, default=2048)
@@ -83,10 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--num_whitening_images must exceed --num_bits ({args.num_bits}) for a full-rank covariance")
     if args.resolution < 8 or (args.head == "flatten" and args.resolution % 8):
         p.error("--resolution must be at least 8 (a multiple of 8 with --head flatten)")
-    args.augmentations = [a for a in args.augmentations.split(",") if a]
-    unknown = sorted(set(args.augmentations) - set(TRAIN_AUGMENTATIONS))
-    if unknown:
-        p.error(f"unknown --augmentations {unknown}; known: {','.join(TRAIN_AUGMENTATIONS)}")
+    try:
+        args.augmentations, args.augmentation_weights = parse_attack_spec(args.augmentations)
+    except ValueError as err:
+        p.error(f"--augmentations: {err}")
     return args
 
 
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     models = torch.nn.ModuleDict({"extractor": extractor, "encoder": encoder})
     optimizer = torch.optim.Adam(models.parameters(), lr=args.learning_rate)
     models, optimizer = accelerator.prepare(models, optimizer)
-    attack = RandomAttack(args.augmentations)
+    attack = RandomAttack(args.augmentations, args.augmentation_weights)
 
     accelerator.print(f"rendering {args.num_train_images} training images ...")
     images = clean_images(args.num_train_images, args.seed, args.resolution, vae)

@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 
 from vistune.tuners.watermark.attacks import (
     IMAGE_ATTACKS, TRAIN_AUGMENTATIONS, VIDEO_ATTACKS, RandomAttack, center_crop, frame_drop, frame_insert, frame_swap,
-    get_attack, jpeg, jpeg_straight_through, resize, temporal_crop, video_compress,
+    get_attack, parse_attack_spec, jpeg, jpeg_straight_through, resize, temporal_crop, video_compress,
 )
 
 
@@ -70,6 +70,15 @@ def test_training_augmentations_are_differentiable(choice):
     y = RandomAttack().apply(choice, x, torch.Generator().manual_seed(1))
     y.square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_attack_spec_names_and_weights():
+    assert parse_attack_spec("identity, brightness:4,jpeg:0.5") == (["identity", "brightness", "jpeg"], [1.0, 4.0, 0.5])
+    assert parse_attack_spec("") == ([], [])
+    for spec, message in [("identity,glitter", "unknown attack 'glitter'"), ("brightness:x", "not a number"),
+                          ("brightness:0", "positive"), ("jpeg:-1", "positive"), ("jpeg:nan", "positive")]:
+        with pytest.raises(ValueError, match=message):
+            parse_attack_spec(spec)
 
 
 def test_random_attack_draws_in_proportion_to_integer_or_float_weights():

@@ -134,15 +134,15 @@ def test_training_embeds_the_key():
     assert logs["psnr"] > 15  # a random extractor on a random VAE: the mechanism, not the shipped quality
 
 
-def test_train_attacks_take_weights():
-    script = load_script("train_watermark")
-    assert script.parse_attacks("identity, brightness:4,jpeg:0.5") == (["identity", "brightness", "jpeg"], [1.0, 4.0, 0.5])
-    for spec, message in [("identity,glitter", "unknown attack 'glitter'"), ("brightness:x", "not a number"),
-                          ("brightness:0", "positive"), ("jpeg:-1", "positive"), ("jpeg:nan", "positive")]:
-        with pytest.raises(ValueError, match=message):
-            script.parse_attacks(spec)
-    with pytest.raises(SystemExit):
-        script.parse_args(["--pretrained_model_name_or_path", "x", "--train_attacks", "brightness:0"])
+def test_training_scripts_refuse_bad_attack_weights():
+    for name, base, flag in [("train_watermark", ["--pretrained_model_name_or_path", "x"], "--train_attacks"),
+                             ("train_watermark_extractor", [], "--augmentations")]:
+        script = load_script(name)
+        parsed = script.parse_args(base + [flag, "identity,brightness:4"])  # the arguments alone are valid
+        assert "brightness" in vars(parsed)[flag[2:]]
+        for bad in ("brightness:0", "glitter"):
+            with pytest.raises(SystemExit):
+                script.parse_args(base + [flag, bad])
 
 
 @pytest.mark.slow

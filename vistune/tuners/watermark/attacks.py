@@ -277,6 +277,25 @@ TRAIN_AUGMENTATIONS: tuple[str, ...] = (
 EXTRACTOR_AUGMENTATIONS: tuple[str, ...] = tuple(a for a in TRAIN_AUGMENTATIONS if a != "crop")
 
 
+def parse_attack_spec(spec: str) -> tuple[list[str], list[float]]:
+    """A command-line list of training attacks, ``"identity,brightness:4"`` -> ``(["identity", "brightness"],
+    [1.0, 4.0])``: the names and weights a :class:`RandomAttack` draws them with (``NAME`` alone weighs 1)."""
+    names, weights = [], []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, weight = item.partition(":")
+        if name not in TRAIN_AUGMENTATIONS:
+            raise ValueError(f"unknown attack {name!r}; known: {','.join(TRAIN_AUGMENTATIONS)}")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"the weight of {name!r} is not a number: {weight!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"the weight of {name!r} must be a positive number, got {weight!r}")
+        names.append(name)
+        weights.append(value)
+    return names, weights
+
+
 class RandomAttack(nn.Module):
     """Applies one randomly drawn differentiable attack to a batch (all gradients flow, JPEG straight-through).
 
