@@ -18,7 +18,9 @@ attacks during training, an extension (Stable Signature relies on the extractor'
 ``NAME:WEIGHT`` draws an attack more often.
 
 ``--video`` trains on moving-shape clips (shapes world) with VidSig's objective: per-frame and frame-averaged
-message losses plus a temporal loss on consecutive-frame differences (``vistune.tuners.watermark.video``).
+message losses plus a temporal loss, by default on motion-compensated watermark residuals (``--temporal_loss
+aligned``: optical flow of the original decoder's frames, ``vistune.tuners.watermark.temporal``), the same
+without motion compensation (``unaligned``, an ablation), or VidSig's consecutive-frame differences (``vidsig``).
 
 Training images: shapes-world scenes at ``--resolution`` (or ``--train_data_dir``, a folder of images resized to
 the resolution). Outputs in ``--output_dir``: ``vae/`` (a diffusers AutoencoderKL folder, safetensors),
@@ -77,9 +79,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train on moving-shape clips with VidSig's temporal objective (--num_train_images clips, "
                         "--train_batch_size clips per step)")
     p.add_argument("--num_frames", type=int, default=8)
-    p.add_argument("--lambda_t", type=float, default=1.0, help="weight of the temporal loss (--video)")
+    p.add_argument("--lambda_t", type=float, default=0.3, help="weight of the temporal loss (--video)")
+    p.add_argument("--temporal_loss", choices=("aligned", "unaligned", "vidsig"), default="aligned",
+                   help="--video: L1 on flow-aligned watermark residuals, the same L1 without motion compensation "
+                        "(ablation), or VidSig's MSE on raw frame differences")
     p.add_argument("--pas_fraction", type=float, default=0.0, help="PAS: freeze this fraction of the decoder layers")
-    p.add_argument("--pas_sigma", type=float, default=0.1, help="PAS: relative weight perturbation")
+    p.add_argument("--pas_noise", choices=("absolute", "relative"), default="absolute",
+                   help="PAS: weight noise as VidSig (absolute std) or relative to each tensor's RMS")
+    p.add_argument("--pas_sigma", type=float, help="PAS: noise std (default 0.01 absolute, 0.1 relative)")
     p.add_argument("--seed", type=int, help="default: random (recorded in checkpoints, reused on resume)")
     p.add_argument("--checkpointing_steps", type=int, default=100)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
@@ -176,11 +183,22 @@ def main(argv=None) -> int:
     if args.video:  # (clips, frames, ...): a batch index picks whole clips
         latents = latents.view(args.num_train_images, args.num_frames, *latents.shape[1:])
         references = references.view(args.num_train_images, args.num_frames, *references.shape[1:])
+    alignment = None
+    if args.video and args.temporal_loss != "vidsig":
+        from vistune.tuners.watermark.temporal import TemporalAlignment
+
+        if args.temporal_loss == "aligned":
+            alignment = TemporalAlignment.from_frames(references)
+        else:
+            alignment = TemporalAlignment.identity(*references.shape[:2], *references.shape[-2:])
+        alignment = alignment.to(device)
+        accelerator.print(f"temporal alignment: {float(alignment.valid.float().mean()):.1%} of pixel pairs trusted")
     frozen: list[str] = saved.get("frozen_layers", [])
     scores: dict[str, float] = saved.get("pas_scores", {})
     if args.pas_fraction > 0 and not saved:
         accelerator.print("PAS: scoring decoder layers ...")
-        scores = pas_sensitivity(vae, latents[:32].to(device), sigma=args.pas_sigma, seed=args.seed)
+        scores = pas_sensitivity(vae, latents[:32].to(device), sigma=args.pas_sigma, seed=args.seed,
+                                 noise=args.pas_noise)
         frozen = pas_select(scores, args.pas_fraction)
         accelerator.print(f"PAS: freezing {len(frozen)}/{len(scores)} layers: {frozen}")
     config = WatermarkConfig(key=key.to_string(), frozen_layers=frozen or None)
@@ -203,7 +221,8 @@ def main(argv=None) -> int:
         idx = batch_indices(args.seed, start, args.train_batch_size, len(latents))
         if args.video:
             loss, logs = video_watermark_loss(vae, extractor, latents[idx].to(device), references[idx].to(device),
-                                              key_tensor, args.lambda_w, args.lambda_i, args.lambda_t)
+                                              key_tensor, args.lambda_w, args.lambda_i, args.lambda_t,
+                                              alignment=alignment, index=idx)
         else:
             loss, logs = watermark_loss(vae, extractor, latents[idx].to(device), references[idx].to(device), key_tensor,
                                         args.lambda_w, args.lambda_i, attack, generator)

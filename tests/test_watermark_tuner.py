@@ -107,6 +107,26 @@ def test_pas_scores_every_layer_restores_weights_and_selects_top():
         pas_select(scores, 1.0)
 
 
+@pytest.mark.parametrize("noise", ["absolute", "relative"])
+def test_pas_score_matches_a_hand_perturbed_decode(noise):
+    from vistune.sites.vae import decoder_layers
+    from vistune.tuners.watermark.losses import image_loss
+
+    vae, z = tiny_vae(), latents(2)
+    scores = pas_sensitivity(vae, z, sigma=0.05, iterations=1, seed=3, noise=noise)
+    first, module = next(iter(decoder_layers(vae).items()))  # the first layer scored: the first noise drawn
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        base = decode(vae, z)
+        for p in module.parameters(recurse=False):
+            scale = p.pow(2).mean().sqrt().clamp_min(1e-3) if noise == "relative" else 1.0
+            p.add_(0.05 * scale * torch.randn(p.shape, generator=generator))
+        expected = float(image_loss(decode(vae, z), base))
+    assert scores[first] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="noise"):
+        pas_sensitivity(vae, z, noise="uniform")
+
+
 def small_extractor(bits=16, seed=0):
     torch.manual_seed(seed)
     extractor = HiddenExtractor(ExtractorConfig(num_bits=bits, channels=16, depth=2))
@@ -192,6 +212,13 @@ def test_video_objective_and_flicker_statistic():
     loss.backward()
     assert logs["loss_t"] == 0 and logs["psnr"] > 100  # identity at attach
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vistune.get_tuner(vae).parameters())
+    from vistune.tuners.watermark.temporal import TemporalAlignment
+
+    alignment = TemporalAlignment.from_frames(reference)
+    key = WatermarkKey.random(16, seed=0).tensor()
+    assert video_watermark_loss(vae, extractor, latents, reference, key, alignment=alignment, index=[0, 1])[1]["loss_t"] == 0
+    with pytest.raises(ValueError, match="index"):
+        video_watermark_loss(vae, extractor, latents, reference, key, alignment=alignment)
 
 
 def test_train_watermark_script_video_mode(tmp_path):
@@ -203,5 +230,11 @@ def test_train_watermark_script_video_mode(tmp_path):
             "--max_train_steps", "2", "--seed", "0", "--video", "--num_frames", "3"]
     assert script.main(base) == 0
     assert (tmp_path / "out" / "vae" / "config.json").is_file()
+    vidsig = [a if a != str(tmp_path / "out") else str(tmp_path / "vidsig") for a in base]
+    assert script.main(vidsig + ["--temporal_loss", "vidsig"]) == 0
+    report = json.loads((tmp_path / "vidsig" / "train_report.json").read_text())
+    assert report["args"]["temporal_loss"] == "vidsig" and report["last_step"]["loss_t"] >= 0
+    unaligned = [a if a != str(tmp_path / "out") else str(tmp_path / "unaligned") for a in base]
+    assert script.main(unaligned + ["--temporal_loss", "unaligned"]) == 0
     with pytest.raises(ValueError, match="at least 2"):
         script.main(base + ["--num_frames", "1"])

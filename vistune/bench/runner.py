@@ -124,16 +124,17 @@ def suite_main(
     argv: Sequence[str] | None,
     description: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
-    run_case_here: Callable[[dict[str, Any]], dict[str, Any]],
-    run_from_args: Callable[[argparse.Namespace], None],
+    run_case_here: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    run_from_args: Callable[[argparse.Namespace], Any],
 ) -> int:
-    """The command line of a suite module: the whole suite, or (``--case JSON``, used by :func:`run_case`) one
-    case measured in this process, its result printed as JSON."""
+    """The command line of a suite module: the whole suite, or (``--case JSON``, used by :func:`run_case`, for
+    suites that measure cases in subprocesses) one case measured in this process, its result printed as JSON."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    if run_case_here is not None:
+        parser.add_argument("--case", help=argparse.SUPPRESS)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.case:
+    if getattr(args, "case", None):
         print(json.dumps(run_case_here(json.loads(args.case))))
     else:
         run_from_args(args)

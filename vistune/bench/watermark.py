@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .runner import environment, write_results
+from .runner import environment, suite_main, write_results
 
 REPORT_ATTACKS = ("none", "jpeg_80", "jpeg_50", "crop_0.5", "crop_0.1", "resize_0.5", "resize_0.3", "brightness_1.5",
                   "brightness_2.0", "contrast_1.5", "contrast_2.0", "saturation_1.5", "blur_1", "noise_0.05",
@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--timing_images", type=int, default=16)
     parser.add_argument("--fpr", type=float, default=1e-6)
-    parser.add_argument("--video_watermarked", help="an output folder of scripts/train_watermark.py --video")
+    parser.add_argument("--video_watermarked", nargs="*", default=[],
+                        help="output folders of scripts/train_watermark.py --video, reported side by side")
     parser.add_argument("--num_clips", type=int, default=24, help="moving-shape clips for the video section")
     parser.add_argument("--num_frames", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -243,7 +244,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     results["timing_s_per_image"] = timing
     results["decode_ms_per_image"] = _time_decode(variants, latents[: args.timing_images].to(device))
     if args.video_watermarked:
-        results["video"] = video_section(args, pipe.vae, extractor, Path(args.video_watermarked))
+        results["video"] = video_section(args, pipe.vae, extractor, [Path(p) for p in args.video_watermarked])
     meta = {"env": environment(device), "args": {k: v for k, v in vars(args).items() if k != "func"}}
     write_results([results], meta, format_table(results, args.fpr), args.output_dir, args.name)
     print(format_table(results, args.fpr))
@@ -254,36 +255,45 @@ VIDEO_REPORT_ATTACKS = ("none", "frame_drop", "frame_swap", "frame_insert", "tem
                         "brightness_1.5")
 
 
-def video_section(args: argparse.Namespace, base_vae, extractor, folder: Path) -> dict[str, Any]:
-    """Video: per-frame bit accuracy and video-level (majority vote) TPR per video attack, PSNR, and the
-    background flicker (ground-truth static pixels) of the watermarked vs the original decoder."""
+def video_section(args: argparse.Namespace, base_vae, extractor, folders: list[Path]) -> dict[str, Any]:
+    """Video, per folder: per-frame bit accuracy and video-level (majority vote) TPR per video attack, PSNR, and
+    the background flicker (ground-truth static pixels) of the watermarked vs the original decoder."""
     from ..tuners.watermark import WatermarkDetector, WatermarkKey
     from ..tuners.watermark.attacks import get_attack
     from ..tuners.watermark.data import decode_latents, encode_latents
     from ..tuners.watermark.video import background_flicker, shapes_clips
 
-    if not (folder / "vae" / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not an output of scripts/train_watermark.py --video")
-    key = WatermarkKey.load(folder / "key.json", num_bits=extractor.num_bits)
-    detector = WatermarkDetector(key, extractor, fpr=args.fpr)
+    for folder in folders:
+        if not (folder / "vae" / "config.json").is_file() or not (folder / "key.json").is_file():
+            raise FileNotFoundError(f"{folder} is not an output of scripts/train_watermark.py --video")
     clips, static = shapes_clips(args.num_clips, args.num_frames, args.seed + 1000, 32)
     latents = encode_latents(base_vae, clips.flatten(0, 1))
     base = decode_latents(base_vae, latents).view_as(clips)
-    wm = decode_latents(_load_vae(folder).to(next(base_vae.parameters()).device), latents).view_as(clips)
-    rows = {}
-    for name in VIDEO_REPORT_ATTACKS:
-        attack = get_attack(name, video=True)
-        videos = [attack(v) for v in wm]
-        frame_acc = float(np.mean([r.bit_accuracy for v in videos for r in detector.detect(v)]))
-        vid = [detector.detect_video(v) for v in videos]
-        base_vid = [detector.detect_video(attack(v)) for v in base]
-        rows[name] = {"frame_bit_acc": frame_acc, "video_bit_acc": float(np.mean([r.bit_accuracy for r in vid])),
-                      "video_tpr": float(np.mean([r.detected for r in vid])),
-                      "video_fpr_base": float(np.mean([r.detected for r in base_vid]))}
-    return {"folder": str(folder), "clips": args.num_clips, "frames": args.num_frames, "attacks": rows,
-            "psnr": _psnr(wm.flatten(0, 1), base.flatten(0, 1)),
-            "flicker_base": background_flicker(base, static), "flicker_watermarked": background_flicker(wm, static),
-            "flicker_source": background_flicker(clips, static)}
+    per_folder = {}
+    for folder in folders:
+        detector = WatermarkDetector(WatermarkKey.load(folder / "key.json", num_bits=extractor.num_bits), extractor,
+                                     fpr=args.fpr)
+        wm = decode_latents(_load_vae(folder).to(next(base_vae.parameters()).device), latents).view_as(clips)
+        rows = {}
+        for name in VIDEO_REPORT_ATTACKS:
+            attack = get_attack(name, video=True)
+            videos = [attack(v) for v in wm]
+            frame_acc = float(np.mean([r.bit_accuracy for v in videos for r in detector.detect(v)]))
+            vid = [detector.detect_video(v) for v in videos]
+            base_vid = [detector.detect_video(attack(v)) for v in base]
+            rows[name] = {"frame_bit_acc": frame_acc, "video_bit_acc": float(np.mean([r.bit_accuracy for r in vid])),
+                          "video_tpr": float(np.mean([r.detected for r in vid])),
+                          "video_fpr_base": float(np.mean([r.detected for r in base_vid]))}
+        report_path = folder / "train_report.json"
+        train_args = json.loads(report_path.read_text()).get("args", {}) if report_path.is_file() else {}
+        per_folder[str(folder)] = {
+            "attacks": rows, "psnr": _psnr(wm.flatten(0, 1), base.flatten(0, 1)),
+            "flicker_watermarked": background_flicker(wm, static),
+            # image-trained decoders have none; older video runs predate --temporal_loss (VidSig's unaligned term)
+            "temporal_loss": train_args.get("temporal_loss", "vidsig") if train_args.get("video") else None,
+            "lambda_t": train_args.get("lambda_t")}
+    return {"clips": args.num_clips, "frames": args.num_frames, "per_folder": per_folder,
+            "flicker_base": background_flicker(base, static), "flicker_source": background_flicker(clips, static)}
 
 
 def format_table(results: dict[str, Any], fpr: float) -> str:
@@ -321,22 +331,28 @@ def format_table(results: dict[str, Any], fpr: float) -> str:
         lines += [f"| {name} | {value:.3f} | {value / d['base']:.3f}x |" for name, value in d.items()]
     video = results.get("video")
     if video:
-        lines += ["", f"Video ({video['clips']} moving-shape clips x {video['frames']} frames, {Path(video['folder']).name}): "
-                  f"PSNR {video['psnr']:.2f} dB; background flicker on ground-truth static pixels (0-255): "
-                  f"watermarked {video['flicker_watermarked']:.3f} vs original decoder {video['flicker_base']:.3f} "
-                  f"(source clips {video['flicker_source']:.3f})", "",
-                  "| video attack | frame bit acc | video bit acc (majority) | video TPR | base video FPR |", "|---|---|---|---|---|"]
-        for name, row in video["attacks"].items():
-            lines.append(f"| {name} | {row['frame_bit_acc']:.3f} | {row['video_bit_acc']:.3f} | {row['video_tpr']:.3f} | "
-                         f"{row['video_fpr_base']:.3f} |")
+        folders, names = list(video["per_folder"]), [Path(f).name for f in video["per_folder"]]
+        lines += ["", f"Video ({video['clips']} moving-shape clips x {video['frames']} frames). Background flicker: mean "
+                  f"frame-to-frame change (0-255) on pixels static by ground truth; original decoder "
+                  f"{video['flicker_base']:.3f}, source clips {video['flicker_source']:.3f}.", "",
+                  "| video decoder | temporal loss (lambda_t) | PSNR (dB) | background flicker | vs original |",
+                  "|---|---|---|---|---|"]
+        for f, n in zip(folders, names):
+            e = video["per_folder"][f]
+            lines.append(f"| {n} | {e['temporal_loss']} ({e['lambda_t']}) | {e['psnr']:.2f} | {e['flicker_watermarked']:.3f} | "
+                         f"{e['flicker_watermarked'] / video['flicker_base']:.3f}x |")
+        lines += ["", "| video attack | " + " | ".join(f"{n} frame bit acc | {n} video bit acc (majority) | {n} video TPR | "
+                                                       f"base video FPR" for n in names) + " |",
+                  "|---|" + "---|---|---|---|" * len(names)]
+        for attack in VIDEO_REPORT_ATTACKS:
+            cells = [video["per_folder"][f]["attacks"][attack] for f in folders]
+            lines.append(f"| {attack} | " + " | ".join(f"{r['frame_bit_acc']:.3f} | {r['video_bit_acc']:.3f} | "
+                                                        f"{r['video_tpr']:.3f} | {r['video_fpr_base']:.3f}" for r in cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-    return 0
+    return suite_main(argv, __doc__, add_arguments, None, run_from_args)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ from .detector import Detection, WatermarkDetector, WatermarkKey, load_image, ma
 from .hidden import ExtractorConfig, HiddenEncoder, HiddenExtractor, load_extractor, save_extractor, whiten
 from .model import WatermarkTuner
 from .pas import pas_select, pas_sensitivity
+from .temporal import TemporalAlignment
 
 register_tuner(WatermarkConfig, WatermarkTuner)
 
 __all__ = [
     "IMAGE_ATTACKS", "VIDEO_ATTACKS", "Detection", "ExtractorConfig", "HiddenEncoder", "HiddenExtractor", "RandomAttack",
-    "WatermarkConfig", "WatermarkDetector", "WatermarkKey", "WatermarkTuner", "get_attack", "load_extractor",
+    "TemporalAlignment", "WatermarkConfig", "WatermarkDetector", "WatermarkKey", "WatermarkTuner", "get_attack", "load_extractor",
     "load_image", "match_threshold", "pas_select", "pas_sensitivity", "save_extractor", "whiten",
 ]

@@ -1,9 +1,12 @@
 """Perturbation-Aware Suppression (VidSig, ``src/finetune/pas.py``): score each decoder layer by how much a small
 weight perturbation changes the decoded images perceptually, and freeze the most sensitive ones.
 
-VidSig adds absolute N(0, 0.01^2) noise per parameter tensor and measures the output MSE; here the noise is
-relative (``sigma`` times each tensor's RMS, so layers of different scales are comparable) and the change is
-measured with the decoder-tuning image loss (MSE + SSIM term), averaged over ``iterations`` draws.
+VidSig adds absolute N(0, 0.01^2) noise per parameter tensor and measures the output MSE (``noise="absolute"``,
+the default, with ``sigma=0.01``); ``noise="relative"`` scales it by each tensor's RMS instead, so that layers of
+different weight scales are compared at the same relative change. The change is measured with the
+decoder-tuning image loss (MSE + SSIM term), averaged over ``iterations`` draws. On the tiny SD decoder the two
+rank very differently: absolute noise picks the output and upsampling convolutions and the shortcut, as in
+VidSig's released freeze lists; relative noise picks mostly normalization layers.
 """
 
 from __future__ import annotations
@@ -15,19 +18,24 @@ from torch import nn
 
 from ...sites.vae import decoder_layers
 from .losses import image_loss
+from .train import decode
 
 
-def _decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    return (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+#: Default noise std per PAS noise kind: VidSig's absolute 0.01, or 10 % of each tensor's RMS.
+NOISE_SIGMA = {"absolute": 0.01, "relative": 0.1}
 
 
 @torch.no_grad()
-def pas_sensitivity(vae: nn.Module, latents: torch.Tensor, sigma: float = 0.1, iterations: int = 3, seed: int = 0,
-                    include_post_quant_conv: bool = False) -> dict[str, float]:
-    """Sensitivity of every decoder layer (name -> mean perceptual change); the VAE is restored exactly."""
+def pas_sensitivity(vae: nn.Module, latents: torch.Tensor, sigma: float | None = None, iterations: int = 3,
+                    seed: int = 0, include_post_quant_conv: bool = False, noise: str = "absolute") -> dict[str, float]:
+    """Sensitivity of every decoder layer (name -> mean perceptual change) to weight noise of std ``sigma``
+    (default 0.01 absolute, 0.1 relative); the VAE is restored exactly."""
+    if noise not in NOISE_SIGMA:
+        raise ValueError(f"PAS noise must be one of {sorted(NOISE_SIGMA)}, got {noise!r}")
+    sigma = NOISE_SIGMA[noise] if sigma is None else sigma
     layers = decoder_layers(vae, include_post_quant_conv)
     generator = torch.Generator().manual_seed(seed)
-    base = _decode(vae, latents)
+    base = decode(vae, latents)
     scores = {}
     for name, module in layers.items():
         params = list(module.parameters(recurse=False))
@@ -35,9 +43,9 @@ def pas_sensitivity(vae: nn.Module, latents: torch.Tensor, sigma: float = 0.1, i
         total = 0.0
         for _ in range(iterations):
             for p, orig in zip(params, saved):
-                rms = orig.float().pow(2).mean().sqrt().clamp_min(1e-3)
-                p.copy_(orig + sigma * rms * torch.randn(p.shape, generator=generator).to(p))
-            total += float(image_loss(_decode(vae, latents), base))
+                scale = orig.float().pow(2).mean().sqrt().clamp_min(1e-3) if noise == "relative" else 1.0
+                p.copy_(orig + sigma * scale * torch.randn(p.shape, generator=generator).to(p))
+            total += float(image_loss(decode(vae, latents), base))
         for p, orig in zip(params, saved):
             p.copy_(orig)
         scores[name] = total / iterations

@@ -3,7 +3,9 @@ training clips, and a temporal-consistency statistic that uses the clips' exact 
 
 VidSig's temporal alignment as released (``src/finetune/train.py``) is a loss, not a module: besides the per-frame
 message loss it adds a video-level message loss on the frame-averaged logits and a perceptual loss between the
-frame differences of the tuned and the original decoder, ``lambda_t * L(x_w[t+1] - x_w[t], x_0[t+1] - x_0[t])``.
+frame differences of the tuned and the original decoder, ``lambda_t * L(x_w[t+1] - x_w[t], x_0[t+1] - x_0[t])``
+(:func:`temporal_loss`). Given a :class:`~vistune.tuners.watermark.temporal.TemporalAlignment`, the temporal term
+compares motion-compensated residuals instead (see that module for why).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 from ...data.shapes import sample_clip
 from .hidden import HiddenExtractor
 from .losses import image_loss, message_loss
+from .temporal import TemporalAlignment
+from .train import decode
 
 
 def shapes_clips(count: int, num_frames: int = 8, seed: int = 0, size: int = 32):
@@ -56,17 +60,23 @@ def video_watermark_loss(
     lambda_t: float = 1.0,
     alpha_frame: float = 1.0,
     alpha_video: float = 1.0,
+    alignment: TemporalAlignment | None = None,
+    index: torch.Tensor | list[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VidSig's objective for ``(N, T, C, h, w)`` latents and ``(N, T, 3, H, W)`` reference frames:
-    ``lambda_w (alpha_frame BCE(W(x_t), key) + alpha_video BCE(mean_t W(x_t), key)) + lambda_i L_img + lambda_t L_t``."""
+    ``lambda_w (alpha_frame BCE(W(x_t), key) + alpha_video BCE(mean_t W(x_t), key)) + lambda_i L_img + lambda_t L_t``,
+    with ``L_t`` :func:`temporal_loss`, or ``alignment.loss`` when an alignment of the clips is given (``index``:
+    which of its clips the batch holds)."""
+    if alignment is not None and index is None:
+        raise ValueError("an alignment needs the batch's clip index")
     n, t = latents.shape[:2]
-    xw = (vae.decode(latents.flatten(0, 1)).sample / 2 + 0.5).clamp(0, 1)
+    xw = decode(vae, latents.flatten(0, 1))
     logits = extractor(xw).view(n, t, -1)
     xw = xw.view(n, t, *xw.shape[1:])
     loss_frame = message_loss(logits.flatten(0, 1), key)
     loss_video = message_loss(logits.mean(1), key)
     loss_i = image_loss(xw.flatten(0, 1), reference.flatten(0, 1))
-    loss_t = temporal_loss(xw, reference)
+    loss_t = temporal_loss(xw, reference) if alignment is None else alignment.loss(xw, reference, index)
     loss = lambda_w * (alpha_frame * loss_frame + alpha_video * loss_video) + lambda_i * loss_i + lambda_t * loss_t
     with torch.no_grad():
         acc = ((logits > 0).float() == key).float().mean().item()
