@@ -4,11 +4,11 @@ over a sweep of the image-loss weight, on the shipped tiny SD.
     python -m vistune.bench.watermark_pas --runs_dir out/pas-sweep      # or: vistune bench watermark-pas
     python -m vistune.bench.watermark_pas --runs_dir out/pas-sweep --fractions 0,0.1,0.25 --lambda_i 0.6,2,6 --jobs 2
 
-Each (frozen fraction, ``lambda_i``) cell is a run of ``scripts/train_watermark.py`` in ``--runs_dir`` (trained
-here when missing, ``--jobs`` at a time with one thread each; finished runs are reused, so an interrupted sweep
-goes on where it stopped). A larger ``lambda_i`` buys PSNR with bit accuracy, so each fraction traces a curve;
-PAS is better when its curve lies above: the table interpolates each curve's PSNR at the bit accuracies the other
-reached. Bit accuracy is read on ``--num_images`` generated images, as they are and under the attacks the issue
+Each (frozen fraction, PAS scoring ``--pas_noise``, ``lambda_i``) cell is a run of ``scripts/train_watermark.py``
+in ``--runs_dir`` (trained here when missing, ``--jobs`` at a time with one thread each; finished runs are reused,
+so an interrupted sweep goes on where it stopped). A larger ``lambda_i`` buys PSNR with bit accuracy, so each
+variant traces a curve; PAS is better when its curve lies above the whole decoder's: the table interpolates each
+curve's PSNR at the bit accuracies the other reached. Bit accuracy is read on ``--num_images`` generated images, as they are and under the attacks the issue
 targets (JPEG 80, crop 50%, brightness 1.5), since without attack every run reads all bits.
 """
 

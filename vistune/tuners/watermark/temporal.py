@@ -32,6 +32,7 @@ def _gray(frame: torch.Tensor) -> np.ndarray:
 def _backward_flow(frames: torch.Tensor) -> torch.Tensor:
     """Farneback flow ``(T-1, H, W, 2)`` (x, y) from frame t+1 back to frame t of one ``(T, 3, H, W)`` clip."""
     gray = [_gray(f) for f in frames]
+    # pyr_scale 0.5, 2 levels, 7-px window, 3 iterations, poly_n 5, poly_sigma 1.1: small enough for 32-px frames
     flows = [cv2.calcOpticalFlowFarneback(gray[t + 1], gray[t], None, 0.5, 2, 7, 3, 5, 1.1, 0)
              for t in range(len(gray) - 1)]
     return torch.from_numpy(np.stack(flows))
@@ -95,7 +96,7 @@ class TemporalAlignment(nn.Module):
 
     def loss(self, xw: torch.Tensor, x0: torch.Tensor, index: torch.Tensor | list[int]) -> torch.Tensor:
         """``100 * mean |r[t+1] - warp(r[t])|`` over the trusted pixels of clips ``index``, with ``r = xw - x0``
-        for ``(n, T, 3, H, W)`` videos (0.01 is one percent of the intensity range)."""
+        for ``(n, T, 3, H, W)`` videos in [0, 1] (a loss of 1 is a mean change of one percent of the range)."""
         index = torch.as_tensor(index, device=self.grid.device)
         grid, valid = self.grid[index].flatten(0, 1), self.valid[index]
         if xw.shape[:2] != (len(index), valid.shape[1] + 1) or xw.shape[-2:] != valid.shape[-2:]:
