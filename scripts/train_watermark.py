@@ -15,7 +15,7 @@ decoder, ``W`` the frozen whitened extractor (default: the shipped ``assets/wate
 100 * MSE + 0.1 * (1 - SSIM)`` (no downloaded perceptual network; see ``vistune.tuners.watermark.losses``).
 AdamW, linear warmup then cosine decay. ``--train_attacks`` reads the tuned decoder's images through random
 attacks during training, an extension (Stable Signature relies on the extractor's robustness alone);
-``NAME:WEIGHT`` draws an attack more often.
+``NAME:WEIGHT`` draws an attack more often (with ``--video``, on every frame the extractor reads).
 
 ``--video`` trains on moving-shape clips (shapes world) with VidSig's objective: per-frame and frame-averaged
 message losses plus a temporal loss, by default on motion-compensated watermark residuals (``--temporal_loss
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         if args.video:
             loss, logs = video_watermark_loss(vae, extractor, latents[idx].to(device), references[idx].to(device),
                                               key_tensor, args.lambda_w, args.lambda_i, args.lambda_t,
-                                              alignment=alignment, index=idx)
+                                              alignment=alignment, index=idx, attack=attack, generator=generator)
         else:
             loss, logs = watermark_loss(vae, extractor, latents[idx].to(device), references[idx].to(device), key_tensor,
                                         args.lambda_w, args.lambda_i, attack, generator)

@@ -219,6 +219,13 @@ def test_video_objective_and_flicker_statistic():
     assert video_watermark_loss(vae, extractor, latents, reference, key, alignment=alignment, index=[0, 1])[1]["loss_t"] == 0
     with pytest.raises(ValueError, match="index"):
         video_watermark_loss(vae, extractor, latents, reference, key, alignment=alignment)
+    from vistune.tuners.watermark import RandomAttack
+
+    plain = video_watermark_loss(vae, extractor, latents, reference, key)[1]
+    assert video_watermark_loss(vae, extractor, latents, reference, key, attack=RandomAttack(["identity"]))[1] == plain
+    darker = video_watermark_loss(vae, extractor, latents, reference, key, attack=RandomAttack(["brightness"]),
+                                  generator=torch.Generator().manual_seed(0))[1]
+    assert darker["loss_w"] != plain["loss_w"] and darker["psnr"] == plain["psnr"]  # the extractor reads attacked frames
 
 
 def test_train_watermark_script_video_mode(tmp_path):
@@ -235,6 +242,6 @@ def test_train_watermark_script_video_mode(tmp_path):
     report = json.loads((tmp_path / "vidsig" / "train_report.json").read_text())
     assert report["args"]["temporal_loss"] == "vidsig" and report["last_step"]["loss_t"] >= 0
     unaligned = [a if a != str(tmp_path / "out") else str(tmp_path / "unaligned") for a in base]
-    assert script.main(unaligned + ["--temporal_loss", "unaligned"]) == 0
+    assert script.main(unaligned + ["--temporal_loss", "unaligned", "--train_attacks", "brightness,crop"]) == 0
     with pytest.raises(ValueError, match="at least 2"):
         script.main(base + ["--num_frames", "1"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data.shapes import sample_clip
+from .attacks import RandomAttack
 from .hidden import HiddenExtractor
 from .losses import image_loss, message_loss
 from .temporal import TemporalAlignment
@@ -62,16 +63,18 @@ def video_watermark_loss(
     alpha_video: float = 1.0,
     alignment: TemporalAlignment | None = None,
     index: torch.Tensor | list[int] | None = None,
+    attack: RandomAttack | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """VidSig's objective for ``(N, T, C, h, w)`` latents and ``(N, T, 3, H, W)`` reference frames:
     ``lambda_w (alpha_frame BCE(W(x_t), key) + alpha_video BCE(mean_t W(x_t), key)) + lambda_i L_img + lambda_t L_t``,
     with ``L_t`` :func:`temporal_loss`, or ``alignment.loss`` when an alignment of the clips is given (``index``:
-    which of its clips the batch holds)."""
+    which of its clips the batch holds). ``attack`` (an image attack) is applied to the frames the extractor reads."""
     if alignment is not None and index is None:
         raise ValueError("an alignment needs the batch's clip index")
     n, t = latents.shape[:2]
     xw = decode(vae, latents.flatten(0, 1))
-    logits = extractor(xw).view(n, t, -1)
+    logits = extractor(attack(xw, generator) if attack is not None else xw).view(n, t, -1)
     xw = xw.view(n, t, *xw.shape[1:])
     loss_frame = message_loss(logits.flatten(0, 1), key)
     loss_video = message_loss(logits.mean(1), key)
