@@ -29,8 +29,10 @@ def test_bench_watermark_runs_and_writes_results(tmp_path):
     assert video["flicker_watermarked"] > 0 and results["video"]["flicker_source"] == 0  # static by ground truth
     assert video["temporal_loss"] is None and set(video["attacks"]) == set(bench.VIDEO_REPORT_ATTACKS)
     assert video["train_attacks"] == "none"
-    assert bench._attack_spec({"train_attacks": ["identity", "brightness"], "train_attack_weights": [1.0, 4.0]}) \
-        == "identity,brightness:4"
+    from vistune.tuners.watermark.attacks import format_attack_spec, parse_attack_spec
+
+    assert format_attack_spec(*parse_attack_spec("identity,brightness:4")) == "identity,brightness:4"
+    assert format_attack_spec(["identity", "crop"]) == "identity,crop" and format_attack_spec([]) == "none"
     entry = results["per_folder"][str(tmp_path / "wm")]
     assert set(entry["attacks"]) == set(bench.REPORT_ATTACKS) and results["num_clean"] == 60
     assert 0 <= entry["attacks"]["none"]["bit_acc"] <= 1 and entry["psnr"] > 20

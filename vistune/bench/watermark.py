@@ -113,11 +113,13 @@ def _time_decode(variants: dict, latents: torch.Tensor) -> dict[str, float]:
     """Milliseconds per image of the step the variants differ in, latents -> image (decoder, plus the post-hoc
     embedder where there is one): the median of :data:`DECODE_ROUNDS` interleaved repetitions, much steadier than
     whole generations, whose U-Net steps are the same for every variant."""
+    from ..tuners.watermark.train import decode
+
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(DECODE_ROUNDS + 1):
         for name, (vae, hook) in variants.items():
             start = time.perf_counter()
-            image = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+            image = decode(vae, latents)
             if hook is not None:
                 image = hook(image)
             if latents.is_cuda:
@@ -255,18 +257,11 @@ VIDEO_REPORT_ATTACKS = ("none", "frame_drop", "frame_swap", "frame_insert", "tem
                         "brightness_1.5")
 
 
-def _attack_spec(train_args: dict[str, Any]) -> str:
-    """A training run's ``--train_attacks`` as it was written (``NAME`` or ``NAME:WEIGHT``), or ``none``."""
-    names, weights = train_args.get("train_attacks") or [], train_args.get("train_attack_weights") or []
-    weights = list(weights) + [1.0] * (len(names) - len(weights))
-    return ",".join(n if w == 1 else f"{n}:{w:g}" for n, w in zip(names, weights)) or "none"
-
-
 def video_section(args: argparse.Namespace, base_vae, extractor, folders: list[Path]) -> dict[str, Any]:
     """Video, per folder: per-frame bit accuracy and video-level (majority vote) TPR per video attack, PSNR, and
     the background flicker (ground-truth static pixels) of the watermarked vs the original decoder."""
     from ..tuners.watermark import WatermarkDetector, WatermarkKey
-    from ..tuners.watermark.attacks import get_attack
+    from ..tuners.watermark.attacks import format_attack_spec, get_attack
     from ..tuners.watermark.data import decode_latents, encode_latents
     from ..tuners.watermark.video import background_flicker, shapes_clips
 
@@ -276,18 +271,19 @@ def video_section(args: argparse.Namespace, base_vae, extractor, folders: list[P
     clips, static = shapes_clips(args.num_clips, args.num_frames, args.seed + 1000, 32)
     latents = encode_latents(base_vae, clips.flatten(0, 1))
     base = decode_latents(base_vae, latents).view_as(clips)
+    attacks = {name: get_attack(name, video=True) for name in VIDEO_REPORT_ATTACKS}
+    attacked_base = {name: [attack(v) for v in base] for name, attack in attacks.items()}  # the same for every key
     per_folder = {}
     for folder in folders:
         detector = WatermarkDetector(WatermarkKey.load(folder / "key.json", num_bits=extractor.num_bits), extractor,
                                      fpr=args.fpr)
         wm = decode_latents(_load_vae(folder).to(next(base_vae.parameters()).device), latents).view_as(clips)
         rows = {}
-        for name in VIDEO_REPORT_ATTACKS:
-            attack = get_attack(name, video=True)
+        for name, attack in attacks.items():
             videos = [attack(v) for v in wm]
             frame_acc = float(np.mean([r.bit_accuracy for v in videos for r in detector.detect(v)]))
             vid = [detector.detect_video(v) for v in videos]
-            base_vid = [detector.detect_video(attack(v)) for v in base]
+            base_vid = [detector.detect_video(v) for v in attacked_base[name]]
             rows[name] = {"frame_bit_acc": frame_acc, "video_bit_acc": float(np.mean([r.bit_accuracy for r in vid])),
                           "video_tpr": float(np.mean([r.detected for r in vid])),
                           "video_fpr_base": float(np.mean([r.detected for r in base_vid]))}
@@ -299,7 +295,8 @@ def video_section(args: argparse.Namespace, base_vae, extractor, folders: list[P
             # image-trained decoders have none; older video runs predate --temporal_loss (VidSig's unaligned term)
             "temporal_loss": train_args.get("temporal_loss", "vidsig") if train_args.get("video") else None,
             "lambda_t": train_args.get("lambda_t"),
-            "train_attacks": _attack_spec(train_args)}
+            "train_attacks": format_attack_spec(train_args.get("train_attacks") or [],
+                                                train_args.get("train_attack_weights"))}
     return {"clips": args.num_clips, "frames": args.num_frames, "per_folder": per_folder,
             "flicker_base": background_flicker(base, static), "flicker_source": background_flicker(clips, static)}
 

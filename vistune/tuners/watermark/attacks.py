@@ -296,6 +296,13 @@ def parse_attack_spec(spec: str) -> tuple[list[str], list[float]]:
     return names, weights
 
 
+def format_attack_spec(names: Sequence[str], weights: Sequence[float] | None = None) -> str:
+    """The inverse of :func:`parse_attack_spec`: ``NAME`` or ``NAME:WEIGHT`` (weight 1 is left out; missing
+    weights count as 1), or ``"none"`` for no attack."""
+    weights = list(weights or []) + [1.0] * (len(names) - len(weights or []))
+    return ",".join(n if w == 1 else f"{n}:{w:g}" for n, w in zip(names, weights)) or "none"
+
+
 class RandomAttack(nn.Module):
     """Applies one randomly drawn differentiable attack to a batch (all gradients flow, JPEG straight-through).
 

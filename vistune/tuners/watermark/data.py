@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ...data.shapes import STYLES, sample_scene
+from .train import decode
 
 
 def shapes_images(count: int, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -37,8 +38,7 @@ def encode_latents(vae: nn.Module, images: torch.Tensor, batch_size: int = 128) 
 def decode_latents(vae: nn.Module, latents: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """The VAE decoder's images for unscaled ``latents``, as [0, 1] floats on the CPU."""
     device = next(vae.parameters()).device
-    out = [(vae.decode(latents[i:i + batch_size].to(device)).sample / 2 + 0.5).clamp(0, 1).cpu()
-           for i in range(0, len(latents), batch_size)]
+    out = [decode(vae, latents[i:i + batch_size].to(device)).cpu() for i in range(0, len(latents), batch_size)]
     return torch.cat(out)
 
 
