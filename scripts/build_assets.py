@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sd_finetune_learning_rate", type=float, default=2e-4)
     p.add_argument("--sd_finetune_ema", type=float, default=0.99, help="EMA decay of the fine-tune phase")
     p.add_argument("--unet_channels", default="64,128")
+    p.add_argument("--text_encoder_layers", type=int, default=2,
+                   help="transformer layers of the CLIP text encoder (0: each token embedded without its context)")
     p.add_argument("--vit_steps", type=int, default=1000)
     p.add_argument("--vit_images", type=int, default=20000, help="training scenes for the ViT (test: a tenth)")
     p.add_argument("--checkpointing_steps", type=int, default=500)
@@ -227,7 +229,8 @@ def stage_sd(args, accelerator, images, captions) -> dict:
 
     torch.manual_seed(args.seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_hidden_layers=args.text_encoder_layers,
         max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))

@@ -32,7 +32,7 @@ from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
-from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS
+from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
 METHODS = ("sc", "lora", "full")
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--full_learning_rate", type=float, default=None,
                    help="learning rate for full fine-tuning (default: --learning_rate / 10, its usual setting)")
+    p.add_argument("--sc_target_skips", type=index_list, help="decoder skips the SC-Tuner tunes (default: all)")
+    p.add_argument("--sc_down_ratio", type=float, default=1.0, help="SC-Tuner hidden width / skip channels")
     p.add_argument("--lora_rank", type=int, default=4, help="4: about SC-Tuner's trainable parameters on the tiny U-Net")
     p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
                    help="training timesteps: uniform (the SD recipe), cubic (biased to high noise, where layout and colour "
@@ -69,6 +71,10 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
                "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
                "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
                "--timestep_sampling", args.timestep_sampling, "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+    if method == "sc":
+        command += ["--sc_down_ratio", str(args.sc_down_ratio)]
+        if args.sc_target_skips is not None:
+            command.append("--sc_target_skips=" + ",".join(map(str, args.sc_target_skips)))
     started = time.perf_counter()
     subprocess.run(command, check=True)
     return time.perf_counter() - started
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
     meta = {"style": args.style, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
-            "lora_rank": args.lora_rank, "timestep_sampling": args.timestep_sampling, "style_vae_ceiling": ceiling,
+            "lora_rank": args.lora_rank, "sc_target_skips": args.sc_target_skips, "sc_down_ratio": args.sc_down_ratio,
+            "timestep_sampling": args.timestep_sampling, "style_vae_ceiling": ceiling,
             "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target), "base": str(base),
             "model": sd_label(base)}
     table = markdown(rows, meta)

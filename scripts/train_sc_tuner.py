@@ -68,6 +68,7 @@ from vistune.sd_training import (
     denoising_loss,
     encode_images,
     encode_prompts,
+    index_list,
     load_sd_components,
     make_batch,
     save_trained,
@@ -91,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--missing_captions", default="empty", choices=["empty", "skip", "error"])
     p.add_argument("--method", default="sc", choices=METHODS)
     p.add_argument("--sc_down_ratio", type=float, default=1.0)
+    p.add_argument("--sc_target_skips", type=index_list, help="comma-separated decoder skip indices the SC-Tuner "
+                   "tunes (0 = deepest, read first; negative from the shallow end: --sc_target_skips=-4,-3,-2,-1 is "
+                   "conv_in's and the first down block's skips); default: every skip")
     p.add_argument("--tuner_name", default="default", help="name saved with the SC-Tuner")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--lora_target_modules", default=",".join(LORA_TARGET_MODULES))
@@ -166,7 +170,8 @@ def main(argv=None) -> int:
     if args.method != "full":  # frozen backbone in the compute dtype; the trained parameters stay fp32
         unet.to(dtype=weight_dtype)
     set_seed(args.seed)  # the new tuner / LoRA weights are drawn from the global RNG
-    params = add_trainable(unet, args.method, sc_down_ratio=args.sc_down_ratio, tuner_name=args.tuner_name,
+    params = add_trainable(unet, args.method, sc_down_ratio=args.sc_down_ratio,
+                           sc_target_skips=args.sc_target_skips, tuner_name=args.tuner_name,
                            lora_rank=args.lora_rank, lora_target_modules=args.lora_target_modules.split(","))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

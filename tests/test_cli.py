@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vistune.cli import main
+from vistune.sites import find_unet_skips
 from vistune.testing import tiny_unet
 
 
@@ -43,8 +44,10 @@ def test_bench_sc_runs_each_method_in_a_subprocess_and_writes_results(tmp_path, 
     data = json.loads((tmp_path / "sc_tiny.json").read_text())
     assert data["meta"]["frozen_dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"full", "lora", "sc"}
+    assert set(rows) == {"full", "lora", "sc", "sc_shallow"}
     assert rows["sc"]["trainable_params"] == 25_088  # SC-Tuner on the tiny U-Net's six skips
+    shallow = [s.channels for s in find_unet_skips(tiny_unet())[-4:]]  # hidden 4c: 4c*c + 4c + c*4c + c each
+    assert rows["sc_shallow"]["trainable_params"] == sum(8 * c * c + 5 * c for c in shallow)
     assert rows["full"]["trainable_params"] == sum(p.numel() for p in tiny_unet().parameters())
     assert rows["lora"]["memory_vs_lora"] == 1.0 and rows["sc"]["peak_memory_mb"] > 0
     assert "| sc | 1 | 25,088 |" in (tmp_path / "sc_tiny.md").read_text()

@@ -84,6 +84,32 @@ def test_target_skips_limit_the_tuned_skips(unet, inputs):
         vistune.attach(unet, SCTunerConfig(target_skips=[6]), name="other")
 
 
+def test_negative_target_skips_count_from_the_shallow_end(unet, inputs, tmp_path):
+    tuner = vistune.attach(unet, SCTunerConfig(target_skips=[-1, -3]), name="shallow")
+    assert sorted(tuner.skips.keys()) == ["3", "5"] and tuner.config.target_skips == [-3, -1]
+    randomize(tuner)
+    tuned = run_unet(unet, inputs)
+    vistune.save_tuners(unet, tmp_path)
+    vistune.detach(unet, "shallow")
+    assert vistune.load_tuners(unet, tmp_path) == ["shallow"]
+    assert torch.equal(run_unet(unet, inputs), tuned)
+    for bad, match in (([5, -1], "same skip twice"), ([-7], "do not exist")):
+        with pytest.raises(vistune.BackboneMismatchError, match=match):
+            vistune.attach(unet, SCTunerConfig(target_skips=bad), name="bad")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_backward_stops_at_the_deepest_tuned_skip(unet, inputs):
+    """Tuning only the shallowest skips keeps backward out of the up blocks that read none of them."""
+    vistune.attach(unet, SCTunerConfig(target_skips=[-1]))
+    fired = set()
+    for i, block in enumerate(unet.up_blocks):
+        block.register_full_backward_hook(lambda *_, i=i: fired.add(i))
+    sample, timestep, context = inputs
+    unet(sample, timestep, encoder_hidden_states=context).sample.square().mean().backward()
+    assert fired == {len(unet.up_blocks) - 1}
+
+
 def test_scale_zero_is_exactly_the_base_and_scale_is_linear(unet, inputs):
     base = run_unet(unet, inputs)
     tuner = vistune.attach(unet, SCTunerConfig())

@@ -69,6 +69,19 @@ def test_sc_lowers_domain_loss_and_loads(script, sd_folder, tmp_path):
     assert after < before, (before, after)
 
 
+def test_sc_target_skips_tunes_only_those_skips(script, sd_folder, tmp_path):
+    out = tmp_path / "sc-skips"
+    argv = args_for(sd_folder, out, "--max_train_steps", "1", "--sc_target_skips", "2,0")
+    assert script.main(argv) == 0
+    components = load_sd_components(sd_folder)
+    assert vistune.load_tuners(components.unet, out) == ["default"]
+    tuner = vistune.core.list_tuners(components.unet)["default"]
+    assert tuner.config.target_skips == [0, 2] and sorted(tuner.skips) == ["0", "2"]
+    with pytest.raises(SystemExit):  # not a list of indices: an argparse error before anything is written
+        script.main(args_for(sd_folder, tmp_path / "bad", "--sc_target_skips", "1,x"))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lora_output_loads_with_load_lora_weights(script, sd_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -105,6 +105,18 @@ POSITIVE_FLAGS = ("train_batch_size", "max_train_steps", "gradient_accumulation_
                   "validation_steps", "resolution")
 
 
+def index_list(text: str) -> list[int]:
+    """An argparse type: ``"-4,-3,-2,-1"`` -> ``[-4, -3, -2, -1]`` (distinct indices; negative ones count from the
+    end, and need ``--option=-4,...`` on the command line)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers, got {text!r}")
+    return values
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, output_dir: str, validation_help: str | None = None) -> None:
     """The flags every Stable Diffusion training script shares, named as in diffusers' example scripts."""
     p = parser
@@ -159,20 +171,24 @@ def add_trainable(
     method: str,
     *,
     sc_down_ratio: float = 1.0,
+    sc_target_skips: Sequence[int] | None = None,
     tuner_name: str = "default",
     lora_rank: int = 64,
     lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
 ) -> list[nn.Parameter]:
     """Make ``unet`` trainable by ``method`` and return the parameters to optimise (in a fixed order).
 
-    ``sc``: attach an SC-Tuner (backbone frozen); ``lora``: ``unet.add_adapter`` a peft ``LoraConfig`` (alpha =
-    rank, gaussian A, as diffusers' LoRA script); ``full``: every U-Net parameter. Trainable parameters are fp32
+    ``sc``: attach an SC-Tuner (backbone frozen; on ``sc_target_skips`` only if given: decoder order, 0 = deepest,
+    -1 = shallowest); ``lora``: ``unet.add_adapter`` a peft ``LoraConfig`` (alpha = rank, gaussian A, as diffusers'
+    LoRA script); ``full``: every U-Net parameter. Trainable parameters are fp32
     whatever the backbone's dtype. Seed the global RNG first: the new weights are drawn from it.
     """
     if method == "sc":
         import vistune
 
-        vistune.attach(unet, vistune.SCTunerConfig(down_ratio=sc_down_ratio), name=tuner_name)
+        config = vistune.SCTunerConfig(down_ratio=sc_down_ratio,
+                                       target_skips=list(sc_target_skips) if sc_target_skips is not None else None)
+        vistune.attach(unet, config, name=tuner_name)
     elif method == "lora":
         try:
             from peft import LoraConfig

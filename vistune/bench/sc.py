@@ -21,7 +21,11 @@ import torch
 from ..testing import SD15_UNET_CONFIG, TINY_UNET_CONFIG
 from .runner import environment, frozen_dtype, measure_training, suite_main, sweep
 
-METHODS = ("full", "lora", "sc")
+METHODS = ("full", "lora", "sc", "sc_shallow")
+#: ``sc_shallow``: SC-Tuner on the four shallowest skips (conv_in's and the first down block's) at hidden width 4x
+#: the skip's, the setting that matches LoRA's adaptation on the shapes world (``eval_sc_adaptation.py``); backward
+#: then runs through the last two up blocks only
+SHALLOW_SKIPS = [-4, -3, -2, -1]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 CONFIGS = {"sd15": SD15_UNET_CONFIG, "tiny": TINY_UNET_CONFIG}
 
@@ -56,6 +60,8 @@ def _setup(method: str, unet) -> list[torch.nn.Parameter]:
         cast_training_params(unet, dtype=torch.float32)  # LoRA weights in fp32 on a bf16 backbone
     elif method == "sc":
         vistune.attach(unet, vistune.SCTunerConfig(down_ratio=1.0))
+    elif method == "sc_shallow":
+        vistune.attach(unet, vistune.SCTunerConfig(down_ratio=4.0, target_skips=SHALLOW_SKIPS))
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return [p for p in unet.parameters() if p.requires_grad]

@@ -74,10 +74,13 @@ def real_field(name: str, value: Any) -> float:
     return float(value)
 
 
-def index_list_field(name: str, value: Any) -> list[int]:
-    """``value`` as a sorted list of distinct non-negative ints, or a :class:`TunerError` naming the field."""
+def index_list_field(name: str, value: Any, allow_negative: bool = False) -> list[int]:
+    """``value`` as a sorted list of distinct ints (non-negative unless ``allow_negative``: Python-style indices
+    counted from the end), or a :class:`TunerError` naming the field."""
     if not isinstance(value, (list, tuple)) or not value:
         raise TunerError(f"{name} must be a non-empty list of indices, got {value!r}")
-    if any(isinstance(v, bool) or not isinstance(v, Integral) or v < 0 for v in value) or len(set(value)) != len(value):
-        raise TunerError(f"{name} must hold distinct non-negative integers, got {value!r}")
+    lowest = -math.inf if allow_negative else 0
+    if any(isinstance(v, bool) or not isinstance(v, Integral) or v < lowest for v in value) or len(set(value)) != len(value):
+        kind = "integers" if allow_negative else "non-negative integers"
+        raise TunerError(f"{name} must hold distinct {kind}, got {value!r}")
     return sorted(int(v) for v in value)

@@ -15,7 +15,9 @@ class SCTunerConfig(TunerConfig):
 
     Args:
         down_ratio: hidden width of each skip MLP as a fraction of the skip's channels (official recipe: 1.0).
-        target_skips: decoder indices of the skips to tune (0 = deepest, read first); ``None`` tunes all.
+        target_skips: decoder indices of the skips to tune (0 = deepest, read first); negative indices count from
+            the shallow end, so ``[-4, -3, -2, -1]`` is the skips of ``conv_in`` and the first down block on SD1.5,
+            SDXL and the shipped tiny U-Net alike; ``None`` tunes all.
         scale: inference strength: ``x + scale * MLP(x)``; 0 is exactly the base model. Values above 1
             extrapolate (SCEdit's own code clamps its ``tuner_scale`` at 1).
     """
@@ -30,7 +32,7 @@ class SCTunerConfig(TunerConfig):
         if not 0 < self.down_ratio <= 64:
             raise TunerError(f"down_ratio must be in (0, 64], got {self.down_ratio}")
         if self.target_skips is not None:
-            self.target_skips = index_list_field("target_skips", self.target_skips)
+            self.target_skips = index_list_field("target_skips", self.target_skips, allow_negative=True)
 
     def hidden_width(self, channels: int) -> int:
         """Hidden width of the MLP on a skip of ``channels`` channels (``int(channels * down_ratio)``, as SCEdit)."""

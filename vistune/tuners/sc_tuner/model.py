@@ -25,11 +25,15 @@ class SCTuner(Tuner):
         super().__init__(config)
         skips = find_unet_skips(unet)
         targets = range(len(skips)) if config.target_skips is None else config.target_skips
-        out_of_range = [m for m in targets if m >= len(skips)]
+        out_of_range = [m for m in targets if not -len(skips) <= m < len(skips)]
         if out_of_range:
             raise BackboneMismatchError(
-                f"target_skips {out_of_range} do not exist: this U-Net has {len(skips)} skips (0..{len(skips) - 1})"
+                f"target_skips {out_of_range} do not exist: this U-Net has {len(skips)} skips "
+                f"(0..{len(skips) - 1}, or -{len(skips)}..-1 from the shallow end)"
             )
+        targets = sorted({m % len(skips) for m in targets})
+        if len(targets) != len(config.target_skips or targets):
+            raise BackboneMismatchError(f"target_skips {config.target_skips} name the same skip twice on this U-Net")
         self.skips = nn.ModuleDict(
             {str(m): SCAdapter(skips[m].channels, config.hidden_width(skips[m].channels)) for m in targets}
         )
