@@ -23,7 +23,7 @@ from .runner import environment, frozen_dtype, measure_training, suite_main, swe
 
 METHODS = ("full", "lora", "sc", "sc_shallow")
 #: ``sc_shallow``: SC-Tuner on the four shallowest skips (conv_in's and the first down block's) at hidden width 4x
-#: the skip's, the setting that matches LoRA's adaptation on the shapes world (``eval_sc_adaptation.py``); backward
+#: the skip's, the setting that comes closest to LoRA's adaptation on the shapes world (``eval_sc_adaptation.py``); backward
 #: then runs through the last two up blocks only
 SHALLOW_SKIPS = [-4, -3, -2, -1]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
