@@ -106,15 +106,15 @@ POSITIVE_FLAGS = ("train_batch_size", "max_train_steps", "gradient_accumulation_
 
 
 def index_list(text: str) -> list[int]:
-    """An argparse type: ``"-4,-3,-2,-1"`` -> ``[-4, -3, -2, -1]`` (distinct indices; negative ones count from the
-    end, and need ``--option=-4,...`` on the command line)."""
+    """An argparse type: ``"-4,-3,-2,-1"`` -> ``[-4, -3, -2, -1]``, checked by the tuner configs' own
+    :func:`~vistune.core.config.index_list_field` (distinct integers; negative ones count from the end and need
+    ``--option=-4,...`` on the command line)."""
+    from .core.config import index_list_field
+
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct integers, got {text!r}")
-    return values
+        return index_list_field("indices", [int(v) for v in text.split(",") if v.strip()], allow_negative=True)
+    except ValueError as err:  # TunerError is a ValueError
+        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers, got {text!r} ({err})") from None
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, output_dir: str, validation_help: str | None = None) -> None:
@@ -180,8 +180,8 @@ def add_trainable(
 
     ``sc``: attach an SC-Tuner (backbone frozen; on ``sc_target_skips`` only if given: decoder order, 0 = deepest,
     -1 = shallowest); ``lora``: ``unet.add_adapter`` a peft ``LoraConfig`` (alpha = rank, gaussian A, as diffusers'
-    LoRA script); ``full``: every U-Net parameter. Trainable parameters are fp32
-    whatever the backbone's dtype. Seed the global RNG first: the new weights are drawn from it.
+    LoRA script); ``full``: every U-Net parameter. Trainable parameters are fp32 whatever the backbone's dtype.
+    Seed the global RNG first: the new weights are drawn from it.
     """
     if method == "sc":
         import vistune
