@@ -52,13 +52,12 @@ from vistune.core.serialization import atomic_write
 from vistune.data import ShapesDataset
 from vistune.demo import vae_round_trip
 from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
-from vistune.sd_training import TIMESTEP_SAMPLINGS, ConditionedDataset
+from vistune.sd_training import TIMESTEP_SAMPLINGS, ConditionedDataset, read_train_time, record_train_time
 
 SCRIPT = Path(__file__).with_name("train_csc_tuner.py")
 METHODS = ("csc", "csc_1x1", "controlnet")
 CONDITIONS = ("canny", "segmentation", "color")  # the ones with a metric here
 SAMPLING_STEPS = 25
-TRAIN_TIME_FILE = "train_time.json"  # written next to each run's output, read back by --skip_training
 GUIDANCE = 4.0
 
 
@@ -359,11 +358,9 @@ def main(argv=None) -> int:
         out = run_dir(work, condition, method)
         row = {"condition": condition, "method": method}
         if not args.skip_training:
-            seconds = train(args, method, base, out, size, condition)
-            atomic_write(out / TRAIN_TIME_FILE, lambda tmp: Path(tmp).write_text(json.dumps({"seconds": seconds})))
-        timing = out / TRAIN_TIME_FILE
-        if timing.is_file():  # also when --skip_training reuses a run
-            row["train_seconds"] = json.loads(timing.read_text())["seconds"]
+            record_train_time(out, train(args, method, base, out, size, condition))
+        if (seconds := read_train_time(out)) is not None:  # also when --skip_training reuses a run
+            row["train_seconds"] = seconds
         pipe = load_pipeline(base, method, out)
         images = generate(pipe, prompts, controls[condition], args.seed)
         rows.append({**row, "trainable_params": trainable_count(pipe, method),

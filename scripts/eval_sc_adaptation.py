@@ -3,6 +3,7 @@
 
     python scripts/eval_sc_adaptation.py                       # pastel, 600 steps, all methods
     python scripts/eval_sc_adaptation.py --style striped --steps 1000
+    python scripts/eval_sc_adaptation.py --skip_training --images_per_prompt 32   # measure saved runs again
 
 Every method is trained by ``scripts/train_sc_tuner.py`` (one loop, same data, steps, batch, learning rate and
 seed; a fresh subprocess each), loaded back the way users load it (``load_tuners``, ``load_lora_weights``,
@@ -32,7 +33,7 @@ from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
-from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list
+from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
 METHODS = ("sc", "lora", "full")
@@ -58,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="build/eval_sc_adaptation")
+    p.add_argument("--skip_training", action="store_true",
+                   help="measure the runs already in --work_dir again (e.g. with more --images_per_prompt); pass the "
+                        "training flags they were trained with, since the report describes its runs by them")
     p.add_argument("--output_dir", default="benchmarks/results")
     return p.parse_args(argv)
 
@@ -160,10 +164,14 @@ def main(argv=None) -> int:
     grids = {"base": images}
     for method in args.methods:
         out = work / method
-        seconds = train(args, method, base, out, size)
+        if not args.skip_training:
+            record_train_time(out, train(args, method, base, out, size))
+        elif not out.is_dir():
+            raise SystemExit(f"--skip_training: no {method} run in {out}; train it first (without --skip_training)")
         pipe = load_pipeline(base, method, out)
         row, images = measure(args, pipe, prompts, target, base_row)
-        rows.append({"method": method, "trainable_params": trainable_count(pipe, method), "train_seconds": seconds, **row})
+        timing = {"train_seconds": seconds} if (seconds := read_train_time(out)) is not None else {}
+        rows.append({"method": method, "trainable_params": trainable_count(pipe, method), **timing, **row})
         grids[method] = images
         print(json.dumps(rows[-1]))
 

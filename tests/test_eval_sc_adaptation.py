@@ -27,6 +27,15 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
     ceiling = (meta["style_vae_ceiling"] - base["style_statistic"]) / (meta["style_target"] - base["style_statistic"])
     assert meta["gap_ceiling"] == pytest.approx(ceiling)
     assert "| sc | 99,328 |" in (results / "sc_adaptation_pastel.md").read_text()
+    # --skip_training measures the saved run again: same numbers (same seeds), and its train time comes back
+    again = tmp_path / "again"
+    assert script.main(["--methods", "sc", "--skip_training", "--images_per_prompt", "1",
+                        "--work_dir", str(tmp_path / "work"), "--output_dir", str(again)]) == 0
+    _, sc_again = json.loads((again / "sc_adaptation_pastel.json").read_text())["rows"]
+    assert sc_again == sc and sc["train_seconds"] > 0
+    with pytest.raises(SystemExit, match="no lora run"):
+        script.main(["--methods", "lora", "--skip_training", "--work_dir", str(tmp_path / "work"),
+                     "--output_dir", str(again)])
     # the trained tuner really is what gets measured: it changes the base model's images
     base_pipe = script.load_pipeline(asset_path("tiny-sd-shapes"))
     tuned_pipe = script.load_pipeline(asset_path("tiny-sd-shapes"), "sc", tmp_path / "work" / "sc")

@@ -249,6 +249,23 @@ def save_trained(unet: nn.Module, method: str, output_dir: str | os.PathLike, tu
     return output_dir
 
 
+TRAIN_TIME_FILE = "train_time.json"
+
+
+def record_train_time(output_dir: str | os.PathLike, seconds: float) -> None:
+    """Write a run's training wall time next to its output (evaluation scripts read it back when reusing runs)."""
+    from .core.serialization import atomic_write
+
+    atomic_write(Path(output_dir) / TRAIN_TIME_FILE,
+                 lambda tmp: Path(tmp).write_text(json.dumps({"seconds": seconds})))
+
+
+def read_train_time(output_dir: str | os.PathLike) -> float | None:
+    """The training wall time :func:`record_train_time` wrote for ``output_dir``, or ``None``."""
+    path = Path(output_dir) / TRAIN_TIME_FILE
+    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
+
+
 def publish(staging: Path, output_dir: Path) -> None:
     """Move every entry of ``staging`` into ``output_dir`` with renames (a folder replaces its old version)."""
     for entry in sorted(staging.iterdir()):
