@@ -7,7 +7,7 @@
 
 Stages:
   tokenizer  a CLIP BPE tokenizer with one token per shapes-world word
-  vae        an AutoencoderKL (32x32 RGB <-> 4x8x8 latents) on every style, L1 + MSE + tiny KL
+  vae        an AutoencoderKL (32x32 RGB <-> 4x8x8 latents, or 16x16 with --vae_factor 2) on every style, L1 + MSE + tiny KL
   sd         a CLIPTextModel + cross-attention UNet2DConditionModel trained together on latents:
              v-prediction, cosine schedule, min-SNR-5 weighting, 10% caption dropout, EMA weights; with
              --sd_finetune_steps a second phase from those EMA weights at a constant low learning rate
@@ -52,6 +52,13 @@ VIT_RES = 64
 MAX_TOKENS = 20  # the longest caption (three shapes) is 17 tokens with BOS/EOS
 
 
+def index_list(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, got {text!r}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="assets")
@@ -62,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_steps", type=int, default=1000)
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--vae_latent_channels", type=int, default=4)
+    p.add_argument("--vae_factor", type=int, default=4, choices=(2, 4, 8),
+                   help="image size / latent size (2: 16x16 latents for 32x32 images)")
     p.add_argument("--vae_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
     p.add_argument("--vae_plain_share", type=float, default=0.2,
                    help="share of plain scenes in the VAE data (the rest cycles the other styles)")
@@ -77,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sd_finetune_learning_rate", type=float, default=2e-4)
     p.add_argument("--sd_finetune_ema", type=float, default=0.99, help="EMA decay of the fine-tune phase")
     p.add_argument("--unet_channels", default="64,128")
+    p.add_argument("--unet_cross_attention", default="",
+                   help="per U-Net level, 1 for a cross-attention block and 0 for a plain one, e.g. 0,1,1 "
+                        "(default: cross-attention at every level)")
     p.add_argument("--text_encoder_layers", type=int, default=2,
                    help="transformer layers of the CLIP text encoder (0: each token embedded without its context)")
     p.add_argument("--vit_steps", type=int, default=1000)
@@ -88,6 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     args = p.parse_args(argv)
+    widths = index_list(args.unet_channels, "--unet_channels", p)
+    attention = index_list(args.unet_cross_attention, "--unet_cross_attention", p) if args.unet_cross_attention else [1] * len(widths)
+    if len(attention) != len(widths) or set(attention) - {0, 1} or not any(attention):
+        p.error(f"--unet_cross_attention needs one 0/1 per --unet_channels level ({len(widths)}), "
+                f"with at least one 1; got {args.unet_cross_attention!r}")
+    args.unet_widths, args.unet_attention = tuple(widths), tuple(bool(a) for a in attention)
     if args.sd_finetune_steps < 0 or not 0 <= args.sd_finetune_ema < 1:
         p.error("--sd_finetune_steps must be >= 0 and --sd_finetune_ema in [0, 1)")
     return args
@@ -151,10 +169,11 @@ def stage_vae(args, accelerator, images) -> dict:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
+    levels = args.vae_factor.bit_length()  # one block per halving, plus the full-resolution one
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=args.vae_latent_channels, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=SD_RES,
+        block_out_channels=(32, 64, 64, 64)[:levels], down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, sample_size=SD_RES,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
     vae, optimizer = accelerator.prepare(vae, optimizer)
@@ -234,11 +253,12 @@ def stage_sd(args, accelerator, images, captions) -> dict:
         max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
-    widths = tuple(int(w) for w in args.unet_channels.split(","))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in args.unet_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(args.unet_attention))
     unet = UNet2DConditionModel(
-        sample_size=SD_RES // 4, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
-        layers_per_block=2, block_out_channels=widths,
-        down_block_types=("CrossAttnDownBlock2D",) * len(widths), up_block_types=("CrossAttnUpBlock2D",) * len(widths),
+        sample_size=SD_RES // factor, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+        layers_per_block=2, block_out_channels=args.unet_widths, down_block_types=down, up_block_types=up,
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
     )
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")

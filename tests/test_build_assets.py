@@ -82,3 +82,38 @@ def test_vae_style_mix_and_edge_loss():
     assert build.gradient_l1(square, square) == 0
     # same mean colour, softer edges: the pixel L1 barely sees it, the gradient loss does
     assert build.gradient_l1(blurred, square) > 2 * torch.nn.functional.l1_loss(blurred, square)
+
+
+def test_unet_layout_arguments_are_checked(capsys):
+    build = load_script("build_assets")
+    args = build.parse_args(["--unet_channels", "32,64,128", "--unet_cross_attention", "0,1,1"])
+    assert args.unet_widths == (32, 64, 128) and args.unet_attention == (False, True, True)
+    assert build.parse_args(["--unet_channels", "64,128"]).unet_attention == (True, True)  # default: every level
+    for bad in (["--unet_cross_attention", "0,1,1"], ["--unet_cross_attention", "0,0"],
+                ["--unet_cross_attention", "1,2"]):
+        with pytest.raises(SystemExit):
+            build.parse_args(["--unet_channels", "64,128", *bad])
+        assert "--unet_cross_attention needs one 0/1 per --unet_channels level" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build.parse_args(["--unet_channels", "64,wide"])
+    assert "--unet_channels takes comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_factor_two_vae_and_plain_top_level_build_a_working_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    build = load_script("build_assets")
+    out = tmp_path / "assets"
+    argv = ["--output_dir", str(out), "--work_dir", str(tmp_path / "work"), "--stages", "tokenizer,vae,sd",
+            "--num_images", "16", "--vae_steps", "1", "--sd_steps", "1", "--sd_batch_size", "2", "--sd_eval_steps", "0",
+            "--vae_factor", "2", "--unet_channels", "32,64", "--unet_cross_attention", "0,1"]
+    assert build.main(argv) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-sd-shapes")
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+    assert list(pipe.unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert list(pipe.unet.config.up_block_types) == ["CrossAttnUpBlock2D", "UpBlock2D"]
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a white background", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3)
