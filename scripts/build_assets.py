@@ -52,7 +52,7 @@ VIT_RES = 64
 MAX_TOKENS = 20  # the longest caption (three shapes) is 17 tokens with BOS/EOS
 
 
-def index_list(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
+def int_list(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
@@ -100,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     args = p.parse_args(argv)
-    widths = index_list(args.unet_channels, "--unet_channels", p)
-    attention = index_list(args.unet_cross_attention, "--unet_cross_attention", p) if args.unet_cross_attention else [1] * len(widths)
+    widths = int_list(args.unet_channels, "--unet_channels", p)
+    attention = int_list(args.unet_cross_attention, "--unet_cross_attention", p) if args.unet_cross_attention else [1] * len(widths)
     if len(attention) != len(widths) or set(attention) - {0, 1} or not any(attention):
         p.error(f"--unet_cross_attention needs one 0/1 per --unet_channels level ({len(widths)}), "
                 f"with at least one 1; got {args.unet_cross_attention!r}")
