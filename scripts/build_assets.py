@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from vistune.conditions import vae_scale_factor
 from vistune.data import (
     BACKGROUNDS,
     COLORS,
@@ -253,11 +254,10 @@ def stage_sd(args, accelerator, images, captions) -> dict:
         max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in args.unet_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(args.unet_attention))
     unet = UNet2DConditionModel(
-        sample_size=SD_RES // factor, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+        sample_size=SD_RES // vae_scale_factor(vae), in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
         layers_per_block=2, block_out_channels=args.unet_widths, down_block_types=down, up_block_types=up,
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
     )
