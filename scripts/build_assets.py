@@ -7,7 +7,8 @@
 
 Stages:
   tokenizer  a CLIP BPE tokenizer with one token per shapes-world word
-  vae        an AutoencoderKL (32x32 RGB <-> 4x8x8 latents, or 16x16 with --vae_factor 2) on every style, L1 + MSE + tiny KL
+  vae        an AutoencoderKL (32x32 RGB <-> 4x16x16 latents; 8x8 with --vae_factor 4) on every style,
+             L1 + MSE + image-gradient L1 + tiny KL
   sd         a CLIPTextModel + cross-attention UNet2DConditionModel trained together on latents:
              v-prediction, cosine schedule, min-SNR-5 weighting, 10% caption dropout, EMA weights; with
              --sd_finetune_steps a second phase from those EMA weights at a constant low learning rate
@@ -67,29 +68,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", default="tokenizer,vae,sd,vit,report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_images", type=int, default=20000, help="training scenes for the SD stages")
-    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--vae_latent_channels", type=int, default=4)
-    p.add_argument("--vae_factor", type=int, default=4, choices=(2, 4, 8),
+    p.add_argument("--vae_factor", type=int, default=2, choices=(2, 4, 8),
                    help="image size / latent size (2: 16x16 latents for 32x32 images)")
     p.add_argument("--vae_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
-    p.add_argument("--vae_plain_share", type=float, default=0.2,
+    p.add_argument("--vae_plain_share", type=float, default=0.5,
                    help="share of plain scenes in the VAE data (the rest cycles the other styles)")
-    p.add_argument("--vae_edge_weight", type=float, default=0.0,
+    p.add_argument("--vae_edge_weight", type=float, default=1.0,
                    help="weight of an L1 loss on image gradients (sharper corners and star points)")
     p.add_argument("--sd_steps", type=int, default=2800)
     p.add_argument("--sd_batch_size", type=int, default=128)
     p.add_argument("--sd_learning_rate", type=float, default=1e-3, help="peak; 100-step warm-up, cosine to 10%%")
     p.add_argument("--sd_eval_steps", type=int, default=700, help="held-out caption fidelity every N steps (0: off)")
-    p.add_argument("--sd_finetune_steps", type=int, default=0,
+    p.add_argument("--sd_finetune_steps", type=int, default=1200,
                    help="a second SD phase after the first: it restarts from the EMA weights with a new AdamW at a "
                         "constant --sd_finetune_learning_rate and a faster EMA (0: off)")
     p.add_argument("--sd_finetune_learning_rate", type=float, default=2e-4)
     p.add_argument("--sd_finetune_ema", type=float, default=0.99, help="EMA decay of the fine-tune phase")
-    p.add_argument("--unet_channels", default="64,128")
+    p.add_argument("--unet_channels", default="32,64,128")
     p.add_argument("--unet_cross_attention", default="",
                    help="per U-Net level, 1 for a cross-attention block and 0 for a plain one, e.g. 0,1,1 "
-                        "(default: cross-attention at every level)")
+                        "(default: with three or more levels the first, highest-resolution one is plain, as in "
+                        "SDXL, so attention runs at 8x8 and below; with fewer, cross-attention at every level)")
     p.add_argument("--text_encoder_layers", type=int, default=2,
                    help="transformer layers of the CLIP text encoder (0: each token embedded without its context)")
     p.add_argument("--vit_steps", type=int, default=1000)
@@ -102,7 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     args = p.parse_args(argv)
     widths = int_list(args.unet_channels, "--unet_channels", p)
-    attention = int_list(args.unet_cross_attention, "--unet_cross_attention", p) if args.unet_cross_attention else [1] * len(widths)
+    if args.unet_cross_attention:
+        attention = int_list(args.unet_cross_attention, "--unet_cross_attention", p)
+    else:
+        attention = [int(len(widths) < 3 or level > 0) for level in range(len(widths))]
     if len(attention) != len(widths) or set(attention) - {0, 1} or not any(attention):
         p.error(f"--unet_cross_attention needs one 0/1 per --unet_channels level ({len(widths)}), "
                 f"with at least one 1; got {args.unet_cross_attention!r}")

@@ -58,7 +58,7 @@ def test_build_assets_stages_produce_loadable_models(tmp_path):
 
 def test_fine_tune_phase_arguments_are_checked(capsys):
     build = load_script("build_assets")
-    assert build.parse_args([]).sd_finetune_steps == 0  # off unless asked for
+    assert build.parse_args(["--sd_finetune_steps", "0"]).sd_finetune_steps == 0  # 0 turns the phase off
     for bad in (["--sd_finetune_steps", "-1"], ["--sd_finetune_ema", "1.0"]):
         with pytest.raises(SystemExit):
             build.parse_args(bad)
@@ -89,6 +89,7 @@ def test_unet_layout_arguments_are_checked(capsys):
     args = build.parse_args(["--unet_channels", "32,64,128", "--unet_cross_attention", "0,1,1"])
     assert args.unet_widths == (32, 64, 128) and args.unet_attention == (False, True, True)
     assert build.parse_args(["--unet_channels", "64,128"]).unet_attention == (True, True)  # default: every level
+    assert build.parse_args([]).unet_attention == (False, True, True)  # the shipped layout: a plain 16x16 level
     for bad in (["--unet_cross_attention", "0,1,1"], ["--unet_cross_attention", "0,0"],
                 ["--unet_cross_attention", "1,2"]):
         with pytest.raises(SystemExit):

@@ -19,6 +19,7 @@ def test_demo_runs_on_the_shipped_model_and_reports_measured_results(tmp_path, c
     assert (out / "before.png").is_file() and (out / "after.png").is_file()
     report = (out / "report.md").read_text()
     assert "assets/tiny-sd-shapes" in report and "'pastel' style statistic" in report
+    assert "| the checker on real scenes of the same style through this VAE (plain / pastel) |" in report
     for check in ("(identity at init)", "scale 0 reproduces the base images exactly",
                   "saved tuner reloaded into a fresh pipeline reproduces the images exactly"):
         assert f"{check} | yes |" in report
