@@ -28,7 +28,8 @@ def test_demo_runs_on_the_shipped_model_and_reports_measured_results(tmp_path, c
     assert "caption fidelity" in capsys.readouterr().out
     channels = record["layout"]["skip_channels"]
     assert main(["info", str(out / "tuner")]) == 0
-    expected = sum(2 * c * c + 2 * c for c in channels)  # Linear(c, c) + Linear(c, c) per skip at ratio 1
+    assert record["config"]["target_skips"] == [-4, -3, -2, -1]  # the four shallowest skips, hidden width 4c
+    expected = sum(8 * c * c + 5 * c for c in channels[-4:])  # Linear(c, 4c) + Linear(4c, c) per skip
     assert f"pastel [sc_tuner] {expected:,d} params" in capsys.readouterr().out
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from vistune.data import sample_scene
-from vistune.demo import checker_ceiling, style_domain, vae_round_trip
+from vistune.demo import checker_ceiling, fidelity_reference, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
 
 
@@ -39,3 +39,10 @@ def test_checker_ceiling_is_the_checker_on_real_scenes_of_the_style_through_the_
     assert direct >= 0.8
     assert checker_ceiling(_PixelVAE(), "outline", count=40, seed=3) == direct  # an exact decoder changes nothing
     assert checker_ceiling(_PixelVAE(gain=0.0), "outline", count=40, seed=3) == 0.0  # a decoder that draws nothing
+
+
+def test_fidelity_reference_moves_from_the_plain_to_the_style_score_with_the_share_of_the_style_learned():
+    assert fidelity_reference(0.8, 0.6, 0.0) == 0.8  # nothing learned: judged like plain images
+    assert fidelity_reference(0.8, 0.6, 1.0) == 0.6  # all of the style: judged like real images of it
+    assert abs(fidelity_reference(0.8, 0.6, 0.25) - 0.75) < 1e-12
+    assert fidelity_reference(0.8, 0.6, -0.3) == 0.8 and fidelity_reference(0.8, 0.6, 1.7) == 0.6  # clipped

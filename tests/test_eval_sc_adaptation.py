@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import load_script
 from vistune.assets import asset_path
 from vistune.demo import generate
+from vistune.sites import find_unet_skips
 
 
 @pytest.mark.slow
@@ -20,13 +21,14 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
     record = json.loads((results / "sc_adaptation_pastel.json").read_text())
     base, sc = record["rows"]
     assert (base["method"], sc["method"]) == ("base", "sc")
-    assert sc["trainable_params"] == 99_328  # SC-Tuner, ratio 1.0, on the shipped U-Net
+    channels = [skip.channels for skip in find_unet_skips(script.load_pipeline(asset_path("tiny-sd-shapes")).unet)]
+    assert sc["trainable_params"] == sum(2 * c * c + 2 * c for c in channels)  # ratio 1.0: Linear(c, c) twice per skip
     gap = (sc["style_statistic"] - base["style_statistic"]) / (record["meta"]["style_target"] - base["style_statistic"])
     assert sc["style_gap_closed"] == pytest.approx(gap)
     meta = record["meta"]
     ceiling = (meta["style_vae_ceiling"] - base["style_statistic"]) / (meta["style_target"] - base["style_statistic"])
     assert meta["gap_ceiling"] == pytest.approx(ceiling)
-    assert "| sc | 99,328 |" in (results / "sc_adaptation_pastel.md").read_text()
+    assert f"| sc | {sc['trainable_params']:,d} |" in (results / "sc_adaptation_pastel.md").read_text()
     # --skip_training measures the saved run again: same numbers (same seeds), and its train time comes back
     again = tmp_path / "again"
     assert script.main(["--methods", "sc", "--skip_training", "--images_per_prompt", "1",
@@ -53,7 +55,7 @@ def test_vae_round_trip_bounds_what_a_unet_tuner_can_reach():
     out = vae_round_trip(vae, pastel, batch_size=5)
     assert out.shape == pastel.shape and out.dtype == np.uint8
     assert not np.array_equal(out, pastel)  # really decoded, not passed through
-    # the shipped VAE keeps the pastel palette but blurs the 32 px stripe pattern away
+    # the shipped VAE keeps the pastel palette but smooths the per-pixel noise texture away (measured: 0.0012 of 0.0029)
     assert abs(mean_statistic(out, "pastel") - mean_statistic(pastel, "pastel")) < 0.05
-    striped, _ = style_domain("striped", 16, 0, 32)
-    assert mean_statistic(vae_round_trip(vae, striped), "striped") < 0.5 * mean_statistic(striped, "striped")
+    noise, _ = style_domain("noise", 16, 0, 32)
+    assert mean_statistic(vae_round_trip(vae, noise), "noise") < 0.6 * mean_statistic(noise, "noise")
