@@ -58,10 +58,10 @@ def test_shipped_sd_draws_the_prompted_shapes(pipe):
         images += pipe(prompt, num_inference_steps=25, guidance_scale=4.0, generator=generator,
                        num_images_per_prompt=4).images
         prompts += [prompt] * 4
-    # measured 0.21 (5 of 24); a random (colour, shape) guess is right 1 time in 24 per shape
+    # measured 0.75 (18 of 24; the previous factor-4 build 0.21); a random (colour, shape) guess is right 1 time in 24
     own = caption_fidelity(images, prompts)
     shifted = caption_fidelity(images, prompts[4:] + prompts[:4])  # each image judged by another prompt
-    assert own >= 0.125 and own > shifted
+    assert own >= 0.5 and own > shifted
 
 
 def test_shipped_vit_loads_its_weights_and_recognises_colours_and_shapes():
