@@ -221,8 +221,9 @@ def run_demo(
         "save_load_exact": round_trip,
     }
     result["fidelity_reference_tuned"] = fidelity_reference(ceiling["plain"], ceiling[style], result["style_gap_closed"])
-    result["relative_fidelity_base"] = result["fidelity_base"] / ceiling["plain"]
-    result["relative_fidelity_tuned"] = result["fidelity_tuned"] / result["fidelity_reference_tuned"]
+    ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731  (a VAE that keeps no shape: no reference)
+    result["relative_fidelity_base"] = ratio(result["fidelity_base"], ceiling["plain"])
+    result["relative_fidelity_tuned"] = ratio(result["fidelity_tuned"], result["fidelity_reference_tuned"])
     _write_report(out, result)
     log(f"'{style}' statistic {base_value:.3f} -> {tuned_value:.3f} (real {style} images: {target_value:.3f}, "
         f"{100 * result['style_gap_closed']:.0f}% of the gap closed); caption fidelity "
