@@ -21,7 +21,8 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
     record = json.loads((results / "sc_adaptation_pastel.json").read_text())
     base, sc = record["rows"]
     assert (base["method"], sc["method"]) == ("base", "sc")
-    channels = [skip.channels for skip in find_unet_skips(script.load_pipeline(asset_path("tiny-sd-shapes")).unet)]
+    base_pipe = script.load_pipeline(asset_path("tiny-sd-shapes"))
+    channels = [skip.channels for skip in find_unet_skips(base_pipe.unet)]
     assert sc["trainable_params"] == sum(2 * c * c + 2 * c for c in channels)  # ratio 1.0: Linear(c, c) twice per skip
     gap = (sc["style_statistic"] - base["style_statistic"]) / (record["meta"]["style_target"] - base["style_statistic"])
     assert sc["style_gap_closed"] == pytest.approx(gap)
@@ -39,7 +40,6 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
         script.main(["--methods", "lora", "--skip_training", "--work_dir", str(tmp_path / "work"),
                      "--output_dir", str(again)])
     # the trained tuner really is what gets measured: it changes the base model's images
-    base_pipe = script.load_pipeline(asset_path("tiny-sd-shapes"))
     tuned_pipe = script.load_pipeline(asset_path("tiny-sd-shapes"), "sc", tmp_path / "work" / "sc")
     a, b = generate(base_pipe, ["a red circle on a white background"], 0, 1), generate(tuned_pipe, ["a red circle on a white background"], 0, 1)
     assert not np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
