@@ -63,6 +63,10 @@ def test_fine_tune_phase_arguments_are_checked(capsys):
         with pytest.raises(SystemExit):
             build.parse_args(bad)
         assert "--sd_finetune_steps must be >= 0" in capsys.readouterr().err
+    assert build.parse_args(["--vae_decoder_steps", "0"]).vae_decoder_steps == 0  # 0 skips the decoder stage
+    with pytest.raises(SystemExit):
+        build.parse_args(["--vae_decoder_steps", "-5"])
+    assert "--vae_decoder_steps must be >= 0" in capsys.readouterr().err
 
 
 def test_vae_style_mix_and_edge_loss():
@@ -106,10 +110,19 @@ def test_factor_two_vae_and_plain_top_level_build_a_working_pipeline(tmp_path):
 
     build = load_script("build_assets")
     out = tmp_path / "assets"
-    argv = ["--output_dir", str(out), "--work_dir", str(tmp_path / "work"), "--stages", "tokenizer,vae,sd",
-            "--num_images", "16", "--vae_steps", "1", "--sd_steps", "1", "--sd_batch_size", "2", "--sd_eval_steps", "0",
-            "--vae_factor", "2", "--unet_channels", "32,64", "--unet_cross_attention", "0,1"]
+    argv = ["--output_dir", str(out), "--work_dir", str(tmp_path / "work"), "--stages", "tokenizer,vae,vae_decoder,sd",
+            "--num_images", "16", "--vae_steps", "1", "--vae_decoder_steps", "2", "--sd_steps", "1", "--sd_batch_size",
+            "2", "--sd_eval_steps", "0", "--vae_factor", "2", "--unet_channels", "32,64", "--unet_cross_attention", "0,1"]
     assert build.main(argv) == 0
+    # the decoder stage trained the decoder and left the encoder (so every latent the U-Net saw) untouched
+    from_vae_stage = load_file(str(tmp_path / "work" / "vae" / "checkpoint-1" / "vae.safetensors"))
+    shipped_vae = load_file(str(out / "tiny-sd-shapes" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert from_vae_stage.keys() == shipped_vae.keys()
+    frozen = [k for k in shipped_vae if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(from_vae_stage[k], shipped_vae[k]) for k in frozen)
+    assert any(not torch.equal(from_vae_stage[k], shipped_vae[k]) for k in shipped_vae if k.startswith("decoder."))
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["vae_decoder_final_loss"] > 0 and 0 <= report["vae_checker_ceiling_after_decoder"] <= 1
     pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-sd-shapes")
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
     assert list(pipe.unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D"]
