@@ -4,6 +4,7 @@
     python scripts/eval_csc.py                                  # canny, 300 steps, csc + controlnet
     python scripts/eval_csc.py --steps 600 --methods csc csc_1x1 controlnet
     python scripts/eval_csc.py --conditions canny segmentation color --pairs canny+color
+    python scripts/eval_csc.py --methods csc --csc_encoder_width_ratio 2 --csc_down_ratio 4   # a wider CSC-Tuner
 
 Every method is trained by ``scripts/train_csc_tuner.py`` for each ``--conditions`` entry (one loop, same
 shapes-world data with the exact ground truth for canny and segmentation, same steps, batch, learning rate and
@@ -85,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--color_cell", type=int, default=None,
                    help="cell (px) of the colour layout the colour error compares; default resolution // 8 (an 8 x 8 "
                         "grid, as SCEdit's 64 px cells at 512 px)")
+    p.add_argument("--csc_encoder_width_ratio", type=float, default=None,
+                   help="CSC condition-encoder width ratio for the csc runs (default: the official 1.0)")
+    p.add_argument("--csc_down_ratio", type=float, default=None,
+                   help="CSC skip-MLP hidden width / skip channels for the csc runs (default: the official 1.0)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=5e-4)
@@ -130,6 +135,10 @@ def train(args, method: str, base: Path, out: Path, resolution: int, condition: 
                "--timestep_sampling", args.timestep_sampling, "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "csc_1x1":
         command += ["--dense_kernel_size", "1"]
+    if method != "controlnet":
+        command += [arg for flag, value in (("--encoder_width_ratio", args.csc_encoder_width_ratio),
+                                            ("--down_ratio", args.csc_down_ratio)) if value is not None
+                    for arg in (flag, str(value))]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     return time.perf_counter() - started
@@ -245,6 +254,15 @@ def trainable_count(pipe, method: str | None) -> int:
     return 0 if method is None or controlnet is None else sum(p.numel() for p in controlnet.parameters())
 
 
+def csc_widths(pipe) -> str | None:
+    """The widths of the CSC-Tuners in ``pipe`` (read from the loaded tuners, so right under --skip_training too),
+    as a phrase for the report; None for a pipeline without them."""
+    tuners = getattr(getattr(pipe, "controlnet", None), "tuners", None) or {}
+    phrases = {f"encoder width ratio {t.config.encoder_width_ratio:g}, output width {t.config.condition_channels}, "
+               f"skip-MLP width {t.config.down_ratio:g}x" for t in tuners.values()}
+    return "; ".join(sorted(phrases)) or None
+
+
 def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base else "-"
 
@@ -262,7 +280,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "scene's (background + 4 shapes). Colour error: mean |RGB| difference (0-255) between the coarse colour "
         f"layouts ({meta.get('color_cell', '?')} px cells) of the image and of the scene (lower is better). Ratios "
         "are to the uncontrolled row; the VAE ceiling row is the scenes themselves encoded and decoded by the "
-        "model's VAE, a practical ceiling for any controller of this model. Pairs: "
+        "model's VAE, a practical ceiling for any controller of this model. "
+        + (f"CSC-Tuners (official: 1, 256, 1x): {'; '.join(meta['csc_widths'])}. " if meta.get("csc_widths") else "")
+        + "Pairs: "
         f"single-condition CSC tuners combined at inference, weights {meta.get('pair_weights') or 'all 1.0'}.",
         "",
         "| condition | method | trainable params | edge F1 | F1 / unc. | mIoU | mIoU / unc. | colour error "
@@ -363,7 +383,7 @@ def main(argv=None) -> int:
             row["train_seconds"] = seconds
         pipe = load_pipeline(base, method, out)
         images = generate(pipe, prompts, controls[condition], args.seed)
-        rows.append({**row, "trainable_params": trainable_count(pipe, method),
+        rows.append({**row, "trainable_params": trainable_count(pipe, method), "csc_widths": csc_widths(pipe),
                      **measure(images, prompts, truth=truth)})
         grids[f"{method} {condition}"] = images
         print(json.dumps(rows[-1]), flush=True)
@@ -374,7 +394,8 @@ def main(argv=None) -> int:
                           weights=weights)
         name = "+".join(pair)
         rows.append({"condition": name, "method": "csc", "weights": weights,
-                     "trainable_params": trainable_count(pipe, "csc"), **measure(images, prompts, truth=truth)})
+                     "trainable_params": trainable_count(pipe, "csc"), "csc_widths": csc_widths(pipe),
+                     **measure(images, prompts, truth=truth)})
         grids[f"csc {name}"] = images
         print(json.dumps(rows[-1]), flush=True)
 
@@ -384,7 +405,8 @@ def main(argv=None) -> int:
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
             "model": sd_label(base),
             "conditions": args.conditions, "pairs": ["+".join(p) for p in args.pairs],
-            "pair_weights": args.pair_weights, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"]}
+            "pair_weights": args.pair_weights, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"],
+            "csc_widths": sorted({r["csc_widths"] for r in rows if r.get("csc_widths")})}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, "csc_fidelity")
     grids["real"] = scenes

@@ -102,6 +102,20 @@ def test_a_pair_of_condition_tuners_combines_at_inference_and_gets_both_metrics(
     assert set(row) == {"edge_f1", "miou", "color_error", "caption_fidelity"}
 
 
+def test_csc_width_flags_reach_the_csc_runs_only_and_the_report(script, tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
+    args = script.parse_args(["--csc_encoder_width_ratio", "2", "--csc_down_ratio", "4"])
+    for method in ("csc", "controlnet"):
+        script.train(args, method, tmp_path, tmp_path / method, 32)
+    csc, controlnet = commands
+    assert csc[csc.index("--encoder_width_ratio") + 1] == "2.0" and csc[csc.index("--down_ratio") + 1] == "4.0"
+    assert "--encoder_width_ratio" not in controlnet and "--down_ratio" not in controlnet
+    commands.clear()
+    script.train(script.parse_args([]), "csc", tmp_path, tmp_path / "csc", 32)
+    assert "--encoder_width_ratio" not in commands[0] and "--down_ratio" not in commands[0]  # the script's defaults
+
+
 def test_report_has_every_row_and_the_pair_verdicts(script):
     metrics = dict(edge_f1=0.2, miou=0.4, color_error=30.0, caption_fidelity=0.5)
     rows = [
@@ -116,8 +130,9 @@ def test_report_has_every_row_and_the_pair_verdicts(script):
          **{**metrics, "edge_f1": 0.9, "miou": 0.95, "color_error": 0.0}},
     ]
     meta = dict(steps=10, batch_size=4, learning_rate=1e-3, conditioning_dropout=0.1, seed=0, train_images=16,
-                eval_scenes=4, pair_weights=None)
+                eval_scenes=4, pair_weights=None, csc_widths=["encoder width ratio 2"])
     table = script.markdown(rows, meta)
+    assert "CSC-Tuners (official: 1, 256, 1x): encoder width ratio 2." in table
     body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(body) == len(rows)
     assert "| canny | csc | 10 | 0.500 | 2.50x | 0.400 | 1.00x | 30.0 | 50.0% | +0.0 pts |" in table
@@ -134,7 +149,7 @@ def test_tiny_end_to_end_run_writes_the_table_json_and_grid(script, tmp_path):
     code = script.main(["--steps", "1", "--batch_size", "2", "--num_train_images", "4", "--num_eval_scenes", "2",
                         "--methods", "csc", "controlnet", "--conditions", "canny", "segmentation", "color",
                         "--controlnet_conditions", "segmentation",
-                        "--pairs", "canny+color", "--work_dir", str(tmp_path / "work"),
+                        "--pairs", "canny+color", "--csc_encoder_width_ratio", "0.5", "--work_dir", str(tmp_path / "work"),
                         "--output_dir", str(tmp_path / "out")])
     assert code == 0
     result = json.loads((tmp_path / "out" / "csc_fidelity.json").read_text())
@@ -147,7 +162,10 @@ def test_tiny_end_to_end_run_writes_the_table_json_and_grid(script, tmp_path):
     assert real["edge_f1"] > 0.95 and real["color_error"] == 0
     # the VAE is lossy, but its reconstructions keep the scenes' layout far better than an uncontrolled sample
     assert 0 < ceiling["color_error"] < result["rows"][0]["color_error"]
-    assert "canny+color on edge_f1" in (tmp_path / "out" / "csc_fidelity.md").read_text()
+    report = (tmp_path / "out" / "csc_fidelity.md").read_text()
+    assert "canny+color on edge_f1" in report
+    widths = "CSC-Tuners (official: 1, 256, 1x): encoder width ratio 0.5, output width 256, skip-MLP width 1x."
+    assert widths in report
     assert (tmp_path / "out" / "csc_fidelity.png").stat().st_size > 0
 
     # --skip_training re-measures the saved runs: same numbers, and each run's recorded train time comes back
@@ -159,6 +177,7 @@ def test_tiny_end_to_end_run_writes_the_table_json_and_grid(script, tmp_path):
     reused = [r for r in again if r["condition"] == "canny"]
     assert len(reused) == 1 and reused[0]["train_seconds"] == first[("canny", "csc")]["train_seconds"] > 0
     assert reused[0]["edge_f1"] == pytest.approx(first[("canny", "csc")]["edge_f1"])
+    assert widths in (tmp_path / "again" / "csc_fidelity.md").read_text()  # read from the saved tuners, not flags
 
 
 def test_grid_has_one_labelled_row_per_entry(script, tmp_path):
