@@ -15,9 +15,10 @@ def test_info_lists_registered_tuners(capsys):
 
 def test_demo_runs_on_the_shipped_model_and_reports_measured_results(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--steps", "100"]) == 0
+    assert main(["demo", "--output", str(out), "--steps", "100", "--style", "pastel", "--images-per-prompt", "2"]) == 0
     assert (out / "before.png").is_file() and (out / "after.png").is_file()
     report = (out / "report.md").read_text()
+    assert "(8 prompts x 2 images," in report
     assert "assets/tiny-sd-shapes" in report and "'pastel' style statistic" in report
     assert "| the checker on real scenes of the same style through this VAE (plain / pastel) |" in report
     for check in ("(identity at init)", "scale 0 reproduces the base images exactly",
@@ -31,6 +32,13 @@ def test_demo_runs_on_the_shipped_model_and_reports_measured_results(tmp_path, c
     assert record["config"]["target_skips"] == [-4, -3, -2, -1]  # the four shallowest skips, hidden width 4c
     expected = sum(8 * c * c + 5 * c for c in channels[-4:])  # Linear(c, 4c) + Linear(4c, c) per skip
     assert f"pastel [sc_tuner] {expected:,d} params" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--images-per-prompt"])
+def test_demo_rejects_counts_below_one_before_loading_anything(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", flag, "0"])
+    assert exit_info.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_demo_without_the_shipped_model_says_how_to_get_it(tmp_path, monkeypatch, capsys):

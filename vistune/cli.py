@@ -16,7 +16,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        result = run_demo(args.output, steps=args.steps, seed=args.seed, style=args.style)
+        result = run_demo(args.output, steps=args.steps, seed=args.seed, style=args.style,
+                          images_per_prompt=args.images_per_prompt)
     except FileNotFoundError as err:
         print(f"vistune demo: {err}", file=sys.stderr)
         return 2
@@ -67,6 +68,13 @@ def _numel(shape: Sequence[int]) -> int:
     return total
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import STYLES
 
@@ -74,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="adapt the shipped tiny SD to a style with an SC-Tuner; writes images and a report")
     demo.add_argument("--output", default="vistune-demo", help="output folder (default: vistune-demo)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    demo.add_argument("--style", default="pastel", choices=[s for s in STYLES if s != "plain"],
-                      help="target style domain (default: pastel)")
+    demo.add_argument("--steps", type=_positive_int, default=600, help="training steps (default: 600)")
+    demo.add_argument("--style", default="striped", choices=[s for s in STYLES if s != "plain"],
+                      help="target style domain (default: striped)")
+    demo.add_argument("--images-per-prompt", type=_positive_int, default=8,
+                      help="images per prompt in the grids and the measurements (default: 8, 64 images in all)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="cost benchmarks against the baselines, each method in a fresh subprocess")
