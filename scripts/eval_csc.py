@@ -5,6 +5,7 @@
     python scripts/eval_csc.py --steps 600 --methods csc csc_1x1 controlnet
     python scripts/eval_csc.py --conditions canny segmentation color --pairs canny+color
     python scripts/eval_csc.py --methods csc --csc_encoder_width_ratio 2 --csc_down_ratio 4   # a wider CSC-Tuner
+    python scripts/eval_csc.py --skip_training --control_scales 1 1.5 2   # re-measure at other inference scales
 
 Every method is trained by ``scripts/train_csc_tuner.py`` for each ``--conditions`` entry (one loop, same
 shapes-world data with the exact ground truth for canny and segmentation, same steps, batch, learning rate and
@@ -83,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="conditions combined at inference, e.g. canny+color (their csc tuners are trained as needed)")
     p.add_argument("--pair_weights", nargs="+", type=float, default=None,
                    help="controlnet_conditioning_scale for each condition of a pair (default 1.0 each)")
+    p.add_argument("--control_scales", nargs="+", type=float, default=[1.0],
+                   help="measure every single-condition run (CSC and ControlNet alike) at each of these inference "
+                        "scales (controlnet_conditioning_scale); one row per scale")
     p.add_argument("--color_cell", type=int, default=None,
                    help="cell (px) of the colour layout the colour error compares; default resolution // 8 (an 8 x 8 "
                         "grid, as SCEdit's 64 px cells at 512 px)")
@@ -103,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work_dir", default="build/eval_csc")
     p.add_argument("--output_dir", default="build/eval_csc")
     args = p.parse_args(argv)
+    if any(s <= 0 for s in args.control_scales):
+        p.error("--control_scales must be positive")
     for pair in args.pairs:
         if args.pair_weights is not None and len(args.pair_weights) != len(pair):
             p.error(f"--pair_weights has {len(args.pair_weights)} value(s) for the pair {'+'.join(pair)}")
@@ -145,7 +151,7 @@ def train(args, method: str, base: Path, out: Path, resolution: int, condition: 
 
 
 def _eval_dataset(args, size: int) -> ShapesDataset:
-    # at most two shapes: longer captions exceed the tiny tokenizer's 16 tokens
+    # at most two shapes: three-shape captions can exceed the shipped tokenizer's 20 tokens (see assets/README.md)
     return ShapesDataset(args.num_eval_scenes, seed=args.seed + 10_000, size=size, num_shapes=(1, 2))
 
 
@@ -210,8 +216,8 @@ def generate(pipe, prompts: list[str], controls, seed: int, chunk: int = 16,
              conditions: list[str] | None = None, weights: list[float] | None = None) -> np.ndarray:
     """One image per prompt (generator seeded by its index), as H x W x 3 floats in [0, 1].
 
-    ``controls``: None (uncontrolled), one B x 3 x H x W map, or (CSC pipeline, with ``conditions`` naming the
-    tuner of each) a list of maps combined with ``weights``."""
+    ``controls``: None (uncontrolled), one B x 3 x H x W map (``weights``: its one scale, either pipeline), or (CSC
+    pipeline, with ``conditions`` naming the tuner of each) a list of maps combined with ``weights``."""
     several = isinstance(controls, (list, tuple))
     out = []
     for start in range(0, len(prompts), chunk):
@@ -224,8 +230,8 @@ def generate(pipe, prompts: list[str], controls, seed: int, chunk: int = 16,
                 kwargs["preprocess"] = False
                 if conditions is not None:
                     kwargs["condition"] = list(conditions)
-                if weights is not None:
-                    kwargs["controlnet_conditioning_scale"] = list(weights)
+            if weights is not None:  # a float for one control (what diffusers' ControlNet pipeline takes)
+                kwargs["controlnet_conditioning_scale"] = list(weights) if several else float(weights[0])
         with torch.no_grad():
             out.append(pipe(prompts[start:end], **kwargs).images)
     return np.concatenate(out)
@@ -282,6 +288,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "are to the uncontrolled row; the VAE ceiling row is the scenes themselves encoded and decoded by the "
         "model's VAE, a practical ceiling for any controller of this model. "
         + (f"CSC-Tuners (official: 1, 256, 1x): {'; '.join(meta['csc_widths'])}. " if meta.get("csc_widths") else "")
+        + ("Method xS: measured at control scale S (controlnet_conditioning_scale; 1 otherwise). "
+           if any(r.get("control_scale", 1.0) != 1.0 for r in rows) else "")
         + "Pairs: "
         f"single-condition CSC tuners combined at inference, weights {meta.get('pair_weights') or 'all 1.0'}.",
         "",
@@ -296,7 +304,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         miou = f"{r['miou']:.3f}" if "miou" in r else "-"
         miou_ratio = _ratio(r["miou"], base["miou"]) if "miou" in r and "miou" in base else "-"
         colour = f"{r['color_error']:.1f}" if "color_error" in r else "-"
-        lines.append(f"| {r.get('condition', '-')} | {r['method']} | {r['trainable_params']:,d} | {r['edge_f1']:.3f} | "
+        method = r["method"] + (f" x{r['control_scale']:g}" if r.get("control_scale", 1.0) != 1.0 else "")
+        lines.append(f"| {r.get('condition', '-')} | {method} | {r['trainable_params']:,d} | {r['edge_f1']:.3f} | "
                      f"{_ratio(r['edge_f1'], base['edge_f1'])} | {miou} | {miou_ratio} | {colour} | "
                      f"{100 * r['caption_fidelity']:.1f}% | {change:+.1f} pts | {seconds} |")
     pair_lines = pair_verdicts(rows)
@@ -308,7 +317,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def pair_verdicts(rows: list[dict]) -> list[str]:
     """For each pair row, whether it beats each of its single-condition csc rows on each condition's metric."""
     metric = {"canny": ("edge_f1", 1), "segmentation": ("miou", 1), "color": ("color_error", -1)}
-    singles = {r["condition"]: r for r in rows if r.get("method") == "csc" and "+" not in r.get("condition", "+")}
+    singles = {r["condition"]: r for r in rows if r.get("method") == "csc" and "+" not in r.get("condition", "+")
+               and r.get("control_scale", 1.0) == 1.0}  # at the scale the pair gives each (default 1)
     out = []
     for r in rows:
         if "+" not in r.get("condition", ""):
@@ -382,11 +392,12 @@ def main(argv=None) -> int:
         if (seconds := read_train_time(out)) is not None:  # also when --skip_training reuses a run
             row["train_seconds"] = seconds
         pipe = load_pipeline(base, method, out)
-        images = generate(pipe, prompts, controls[condition], args.seed)
-        rows.append({**row, "trainable_params": trainable_count(pipe, method), "csc_widths": csc_widths(pipe),
-                     **measure(images, prompts, truth=truth)})
-        grids[f"{method} {condition}"] = images
-        print(json.dumps(rows[-1]), flush=True)
+        for scale in args.control_scales:
+            images = generate(pipe, prompts, controls[condition], args.seed, weights=[scale])
+            rows.append({**row, "control_scale": scale, "trainable_params": trainable_count(pipe, method),
+                         "csc_widths": csc_widths(pipe), **measure(images, prompts, truth=truth)})
+            grids[f"{method} {condition}" + (f" x{scale:g}" if scale != 1 else "")] = images
+            print(json.dumps(rows[-1]), flush=True)
     for pair in args.pairs:
         weights = args.pair_weights or [1.0] * len(pair)
         pipe = load_pipeline(base, "csc", [run_dir(work, c, "csc") for c in pair])
@@ -405,7 +416,7 @@ def main(argv=None) -> int:
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
             "model": sd_label(base),
             "conditions": args.conditions, "pairs": ["+".join(p) for p in args.pairs],
-            "pair_weights": args.pair_weights, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"],
+            "pair_weights": args.pair_weights, "control_scales": args.control_scales, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"],
             "csc_widths": sorted({r["csc_widths"] for r in rows if r.get("csc_widths")})}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, "csc_fidelity")

@@ -23,7 +23,7 @@ def test_clean_scenes_score_high_edge_f1_and_blank_images_zero(script):
     args = argparse.Namespace(num_eval_scenes=6, seed=0)
     prompts, controls = script.eval_scenes(args, 32)
     assert len(prompts) == 6 and controls.shape == (6, 3, 32, 32)
-    assert all(len(p.split()) <= 14 for p in prompts)  # fits the tiny tokenizer's 16 tokens with BOS/EOS
+    assert all(len(p.split()) <= 11 for p in prompts)  # at most two shapes
     data = script.ConditionedDataset(script.ShapesDataset(6, seed=10_000, size=32, num_shapes=(1, 2)), "canny")
     clean = np.stack([data.dataset.scene(i).image for i in range(6)]).astype(np.float32) / 255
     good = script.measure(clean, prompts, controls)
@@ -63,7 +63,9 @@ def test_cli_conditions_pairs_and_the_runs_they_need(script, tmp_path):
                                  ("segmentation", "controlnet"), ("color", "csc")]  # no ControlNet on colour
     args = script.parse_args(["--methods", "controlnet", "--pairs", "segmentation+color"])
     assert script.runs(args) == [("canny", "controlnet"), ("segmentation", "csc"), ("color", "csc")]
-    for bad in (["--pairs", "canny"], ["--pairs", "canny+canny"], ["--pairs", "canny+depth"],
+    assert args.control_scales == [1.0]
+    assert script.parse_args(["--control_scales", "1", "2.5"]).control_scales == [1.0, 2.5]
+    for bad in (["--control_scales", "0"], ["--control_scales", "1", "-1"], ["--pairs", "canny"], ["--pairs", "canny+canny"], ["--pairs", "canny+depth"],
                 ["--pairs", "canny+color", "--pair_weights", "1.0"], ["--conditions", "depth"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
@@ -96,10 +98,37 @@ def test_a_pair_of_condition_tuners_combines_at_inference_and_gets_both_metrics(
     images = script.generate(paired, truth["prompts"], controls, 0, conditions=["canny", "color"], weights=[1.0, 0.5])
     assert images.shape == (2, 32, 32, 3)
     plain = script.generate(script.load_pipeline(base, None, None), truth["prompts"], None, 0)
-    single = script.generate(script.load_pipeline(base, "csc", paths[:1]), truth["prompts"], controls[0], 0)
+    one = script.load_pipeline(base, "csc", paths[:1])
+    single = script.generate(one, truth["prompts"], controls[0], 0)
     assert not np.allclose(images, single, atol=1e-4) and not np.allclose(single, plain, atol=1e-4)
+    assert np.allclose(script.generate(one, truth["prompts"], controls[0], 0, weights=[0.0]), plain, atol=1e-5)
     row = script.measure(images, truth["prompts"], truth=truth)
     assert set(row) == {"edge_f1", "miou", "color_error", "caption_fidelity"}
+
+
+def test_control_scale_reaches_both_pipelines_and_zero_is_the_uncontrolled_model(script, tmp_path, monkeypatch):
+    from diffusers import ControlNetModel
+
+    from vistune.assets import asset_path
+    from vistune.conditions import vae_scale_factor
+    from vistune.sd_training import controlnet_embedding_channels
+
+    monkeypatch.setattr(script, "SAMPLING_STEPS", 3)
+    base = asset_path("tiny-sd-shapes")
+    pipe = script.load_pipeline(base, None, None)
+    controlnet = ControlNetModel.from_unet(
+        pipe.unet, conditioning_embedding_out_channels=controlnet_embedding_channels(vae_scale_factor(pipe.vae)))
+    for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        randomize(block, seed=3, std=0.05)  # the zero convs: no longer the identity
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    args = _args(script, "--num_eval_scenes", "2")
+    prompts, controls = script.eval_scenes(args, 32, "canny")
+    plain = script.generate(pipe, prompts, None, 0)
+    controlled = script.load_pipeline(base, "controlnet", tmp_path)
+    off = script.generate(controlled, prompts, controls, 0, weights=[0.0])
+    one = script.generate(controlled, prompts, controls, 0, weights=[1.0])
+    assert np.allclose(off, plain, atol=1e-5) and not np.allclose(one, plain, atol=1e-3)
+    assert np.allclose(script.generate(controlled, prompts, controls, 0), one)  # the default scale is 1
 
 
 def test_csc_width_flags_reach_the_csc_runs_only_and_the_report(script, tmp_path, monkeypatch):
@@ -137,6 +166,12 @@ def test_report_has_every_row_and_the_pair_verdicts(script):
     assert len(body) == len(rows)
     assert "| canny | csc | 10 | 0.500 | 2.50x | 0.400 | 1.00x | 30.0 | 50.0% | +0.0 pts |" in table
     assert "| segmentation | csc | 10 | 0.200 | 1.00x | 0.800 | 2.00x |" in table
+    assert "Method xS" not in table  # no scaled rows, no note
+    scaled = [*rows[:4], {**rows[3], "control_scale": 2.0, "miou": 0.9}, *rows[4:]]
+    table = script.markdown(scaled, meta)
+    assert "| segmentation | csc x2 | 10 | 0.200 | 1.00x | 0.900 | 2.25x |" in table and "Method xS" in table
+    assert "| segmentation | csc | 10 | 0.200 | 1.00x | 0.800 | 2.00x |" in table
+    assert script.pair_verdicts(scaled) == script.pair_verdicts(rows)  # pairs compare with the scale-1 rows
     assert "canny+color on edge_f1: 0.550 vs alone canny 0.500, color 0.200 -> beats both" in table
     assert "canny+color on color_error: 12.000 vs alone canny 30.000, color 10.000 -> does NOT beat both" in table
 

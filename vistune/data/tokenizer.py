@@ -26,6 +26,27 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
+def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's BPE makes of one word: the lowest-ranked mergeable pair is merged (every occurrence),
+    again, until no pair has a merge. The last piece carries the end-of-word marker ``</w>``."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        candidates = [pair for pair in zip(parts, parts[1:]) if pair in ranks]
+        if not candidates:
+            break
+        first, second = min(candidates, key=ranks.__getitem__)
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def write_word_tokenizer(words: Iterable[str], directory: str | Path, model_max_length: int = 77) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` of a CLIP tokenizer to ``directory``."""
     directory = Path(directory)
@@ -34,19 +55,23 @@ def write_word_tokenizer(words: Iterable[str], directory: str | Path, model_max_
     vocab: dict[str, int] = {}
     for token in [*symbols, *(s + "</w>" for s in symbols)]:
         vocab.setdefault(token, len(vocab))
-    merges: list[str] = []
-    for word in sorted({w.strip().lower() for w in words if w.strip()}):
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:  # merge left to right; every intermediate piece becomes a token
-            merge = f"{parts[0]} {parts[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            parts = [parts[0] + parts[1], *parts[2:]]
-            vocab.setdefault(parts[0], len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
+    for text in sorted({w.strip().lower() for w in words if w.strip()}):
+        if any(c.isspace() for c in text):
+            raise ValueError(f"{text!r} is not one word: the tokenizer splits text at whitespace first")
+        word = "".join(symbols[b] for b in text.encode("utf-8"))  # what CLIP's BPE sees: byte-level symbols
+        # Merge what BPE makes of the word with the merges so far, left to right, until it is one piece. A new
+        # merge ranks after every earlier one, so it never changes how an earlier word tokenizes (BPE prefers
+        # the earlier merge wherever one applies, and an earlier word always has one until it is whole).
+        parts = bpe(word, ranks)
+        while len(parts) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = bpe(word, ranks)
     for special in (BOS, EOS):
         vocab.setdefault(special, len(vocab))
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": model_max_length,
