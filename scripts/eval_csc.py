@@ -6,6 +6,8 @@
     python scripts/eval_csc.py --conditions canny segmentation color --pairs canny+color
     python scripts/eval_csc.py --methods csc --csc_encoder_width_ratio 2 --csc_down_ratio 4   # a wider CSC-Tuner
     python scripts/eval_csc.py --skip_training --control_scales 1 1.5 2   # re-measure at other inference scales
+    python scripts/eval_csc.py --conditions segmentation --learning_rate 3e-3 --controlnet_learning_rate 1e-3 \
+        --csc_encoder_width_ratio 2 --csc_down_ratio 4 --csc_condition_channels 512 --control_scales 1 1.5
 
 Every method is trained by ``scripts/train_csc_tuner.py`` for each ``--conditions`` entry (one loop, same
 shapes-world data with the exact ground truth for canny and segmentation, same steps, batch, learning rate and
@@ -94,9 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CSC condition-encoder width ratio for the csc runs (default: the official 1.0)")
     p.add_argument("--csc_down_ratio", type=float, default=None,
                    help="CSC skip-MLP hidden width / skip channels for the csc runs (default: the official 1.0)")
+    p.add_argument("--csc_condition_channels", type=int, default=None,
+                   help="CSC condition-encoder output width for the csc runs (default: the official 256)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--controlnet_learning_rate", type=float, default=None,
+                   help="learning rate of the controlnet runs (default: --learning_rate); each method at its own best")
     p.add_argument("--conditioning_dropout", type=float, default=0.1)
     p.add_argument("--timestep_sampling", default="cubic", choices=TIMESTEP_SAMPLINGS,
                    help="training timesteps for every method (cubic: biased to high noise, learns control sooner)")
@@ -130,20 +136,27 @@ def run_dir(work: Path, condition: str, method: str) -> Path:
     return work / (method if condition == "canny" else f"{method}-{condition}")
 
 
+def learning_rate(args, method: str) -> float:
+    """The learning rate ``method`` trains at: ``--controlnet_learning_rate`` for controlnet when given."""
+    own = getattr(args, "controlnet_learning_rate", None)
+    return own if method == "controlnet" and own is not None else args.learning_rate
+
+
 def train(args, method: str, base: Path, out: Path, resolution: int, condition: str = "canny") -> float:
     """Train ``method`` on ``condition`` with the training script in a fresh process; returns its wall time (s)."""
     command = [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(base),
                "--method", "controlnet" if method == "controlnet" else "csc", "--condition", condition,
                "--shapes_domain", "plain", "--num_train_images", str(args.num_train_images),
                "--resolution", str(resolution), "--train_batch_size", str(args.batch_size),
-               "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate),
+               "--max_train_steps", str(args.steps), "--learning_rate", str(learning_rate(args, method)),
                "--conditioning_dropout", str(args.conditioning_dropout), "--seed", str(args.seed),
                "--timestep_sampling", args.timestep_sampling, "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "csc_1x1":
         command += ["--dense_kernel_size", "1"]
     if method != "controlnet":
         command += [arg for flag, value in (("--encoder_width_ratio", args.csc_encoder_width_ratio),
-                                            ("--down_ratio", args.csc_down_ratio)) if value is not None
+                                            ("--down_ratio", args.csc_down_ratio),
+                                            ("--condition_channels", args.csc_condition_channels)) if value is not None
                     for arg in (flag, str(value))]
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -277,7 +290,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Control fidelity on {meta.get('model', 'the shipped tiny SD')}: CSC-Tuner vs diffusers ControlNet",
         "",
-        f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g}, "
+        f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g}"
+        + (f" (ControlNet {meta['controlnet_learning_rate']:g})" if meta.get("controlnet_learning_rate") else "")
+        + ", "
         f"{meta.get('timestep_sampling', 'uniform')} timesteps, caption "
         f"dropout {meta['conditioning_dropout']:g}, seed {meta['seed']}, {meta['train_images']} training scenes "
         f"(exact edges / class masks); {meta['eval_scenes']} unseen scenes (caption as prompt, ground-truth map as "
@@ -412,6 +427,7 @@ def main(argv=None) -> int:
 
     rows += [ceiling, real]
     meta = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+            "controlnet_learning_rate": args.controlnet_learning_rate,
             "timestep_sampling": args.timestep_sampling, "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
             "model": sd_label(base),

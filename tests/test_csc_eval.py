@@ -134,15 +134,20 @@ def test_control_scale_reaches_both_pipelines_and_zero_is_the_uncontrolled_model
 def test_csc_width_flags_reach_the_csc_runs_only_and_the_report(script, tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
-    args = script.parse_args(["--csc_encoder_width_ratio", "2", "--csc_down_ratio", "4"])
+    args = script.parse_args(["--csc_encoder_width_ratio", "2", "--csc_down_ratio", "4", "--csc_condition_channels",
+                              "512", "--learning_rate", "3e-3", "--controlnet_learning_rate", "1e-3"])
     for method in ("csc", "controlnet"):
         script.train(args, method, tmp_path, tmp_path / method, 32)
     csc, controlnet = commands
     assert csc[csc.index("--encoder_width_ratio") + 1] == "2.0" and csc[csc.index("--down_ratio") + 1] == "4.0"
-    assert "--encoder_width_ratio" not in controlnet and "--down_ratio" not in controlnet
+    assert csc[csc.index("--condition_channels") + 1] == "512"
+    assert not {"--encoder_width_ratio", "--down_ratio", "--condition_channels"} & set(controlnet)
+    assert csc[csc.index("--learning_rate") + 1] == "0.003" and controlnet[controlnet.index("--learning_rate") + 1] == "0.001"
     commands.clear()
+    script.train(script.parse_args(["--learning_rate", "3e-3"]), "controlnet", tmp_path, tmp_path / "c", 32)
     script.train(script.parse_args([]), "csc", tmp_path, tmp_path / "csc", 32)
-    assert "--encoder_width_ratio" not in commands[0] and "--down_ratio" not in commands[0]  # the script's defaults
+    assert commands[0][commands[0].index("--learning_rate") + 1] == "0.003"  # one rate for all unless told
+    assert not {"--encoder_width_ratio", "--down_ratio", "--condition_channels"} & set(commands[1])  # the defaults
 
 
 def test_report_has_every_row_and_the_pair_verdicts(script):
@@ -162,6 +167,9 @@ def test_report_has_every_row_and_the_pair_verdicts(script):
                 eval_scenes=4, pair_weights=None, csc_widths=["encoder width ratio 2"])
     table = script.markdown(rows, meta)
     assert "CSC-Tuners (official: 1, 256, 1x): encoder width ratio 2." in table
+    assert "AdamW constant lr 0.001, " in table
+    assert "AdamW constant lr 0.003 (ControlNet 0.001), " in script.markdown(rows, {**meta, "learning_rate": 3e-3,
+                                                                                    "controlnet_learning_rate": 1e-3})
     body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(body) == len(rows)
     assert "| canny | csc | 10 | 0.500 | 2.50x | 0.400 | 1.00x | 30.0 | 50.0% | +0.0 pts |" in table
