@@ -6,12 +6,12 @@
     python scripts/eval_csc.py --conditions canny segmentation color --pairs canny+color
     python scripts/eval_csc.py --methods csc --csc_encoder_width_ratio 2 --csc_down_ratio 4   # a wider CSC-Tuner
     python scripts/eval_csc.py --skip_training --control_scales 1 1.5 2   # re-measure at other inference scales
-    python scripts/eval_csc.py --conditions segmentation --learning_rate 3e-3 --controlnet_learning_rate 1e-3 \
+    python scripts/eval_csc.py --conditions segmentation --learning_rate 3e-3 --controlnet_learning_rate 1e-3 \\
         --csc_encoder_width_ratio 2 --csc_down_ratio 4 --csc_condition_channels 512 --control_scales 1 1.5
 
 Every method is trained by ``scripts/train_csc_tuner.py`` for each ``--conditions`` entry (one loop, same
-shapes-world data with the exact ground truth for canny and segmentation, same steps, batch, learning rate and
-seed; a fresh subprocess each; ControlNet only for ``--controlnet_conditions``), loaded back the way users load it
+shapes-world data with the exact ground truth for canny and segmentation, same steps, batch, learning rate (unless
+``--controlnet_learning_rate`` gives ControlNet its own) and seed; a fresh subprocess each; ControlNet only for ``--controlnet_conditions``), loaded back the way users load it
 (``CSCControlModel.from_tuners`` into ``StableDiffusionCSCControlPipeline``; ``ControlNetModel.from_pretrained``
 into ``StableDiffusionControlNetPipeline``), and measured on the same unseen scenes (their captions as prompts,
 their ground-truth maps as the control images, one seeded image each). ``--pairs a+b`` combines the single-condition
