@@ -43,6 +43,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -362,8 +363,10 @@ def save_grid(grids: dict[str, np.ndarray], path: Path, columns: int = 8, zoom: 
         strip = (np.clip(strip, 0, 1) * 255).round().astype(np.uint8)
         strip = cv2.resize(strip, (strip.shape[1] * zoom, strip.shape[0] * zoom), interpolation=cv2.INTER_NEAREST)
         label = np.full((strip.shape[0], 170, 3), 255, np.uint8)
-        cv2.putText(label, name[:24], (4, strip.shape[0] // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
-                    cv2.LINE_AA)
+        lines = textwrap.wrap(name, 24) or [""]  # long names on several lines, none cut off
+        for i, line in enumerate(lines):
+            y = strip.shape[0] // 2 + 4 + 14 * i - 7 * (len(lines) - 1)
+            cv2.putText(label, line, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         rows.append(np.concatenate([label, strip], axis=1))
     width = max(r.shape[1] for r in rows)
     grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])

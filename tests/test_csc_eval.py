@@ -232,3 +232,9 @@ def test_grid_has_one_labelled_row_per_entry(script, tmp_path):
     assert image.shape == (2 * 96, 170 + 2 * 96, 3) and not list(tmp_path.glob("*.partial*"))
     assert (image[:96, 170:] == 0).all() and (image[96:, 170:] == 255).all()
     assert (image[:, :170] < 128).any()  # the labels are written
+
+    grids = {"csc": np.zeros((1, 32, 32, 3)), "controlnet segmentation x1.5": np.zeros((1, 32, 32, 3))}
+    script.save_grid(grids, tmp_path / "long.png", columns=1, zoom=3)
+    label = np.asarray(Image.open(tmp_path / "long.png"))[:, :170].min(axis=(1, 2)) < 128
+    short, long = np.flatnonzero(label[:96]), np.flatnonzero(label[96:])
+    assert np.ptp(long) > np.ptp(short) + 8  # a name too long for one line takes two, nothing cut off
