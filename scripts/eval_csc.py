@@ -11,7 +11,8 @@
 
 Every method is trained by ``scripts/train_csc_tuner.py`` for each ``--conditions`` entry (one loop, same
 shapes-world data with the exact ground truth for canny and segmentation, same steps, batch, learning rate (unless
-``--controlnet_learning_rate`` gives ControlNet its own) and seed; a fresh subprocess each; ControlNet only for ``--controlnet_conditions``), loaded back the way users load it
+``--controlnet_learning_rate`` gives ControlNet its own) and seed; a fresh subprocess each; ControlNet only for
+``--controlnet_conditions``), loaded back the way users load it
 (``CSCControlModel.from_tuners`` into ``StableDiffusionCSCControlPipeline``; ``ControlNetModel.from_pretrained``
 into ``StableDiffusionControlNetPipeline``), and measured on the same unseen scenes (their captions as prompts,
 their ground-truth maps as the control images, one seeded image each). ``--pairs a+b`` combines the single-condition

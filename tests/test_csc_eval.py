@@ -65,7 +65,8 @@ def test_cli_conditions_pairs_and_the_runs_they_need(script, tmp_path):
     assert script.runs(args) == [("canny", "controlnet"), ("segmentation", "csc"), ("color", "csc")]
     assert args.control_scales == [1.0]
     assert script.parse_args(["--control_scales", "1", "2.5"]).control_scales == [1.0, 2.5]
-    for bad in (["--control_scales", "0"], ["--control_scales", "1", "-1"], ["--pairs", "canny"], ["--pairs", "canny+canny"], ["--pairs", "canny+depth"],
+    for bad in (["--control_scales", "0"], ["--control_scales", "1", "-1"], ["--pairs", "canny"],
+                ["--pairs", "canny+canny"], ["--pairs", "canny+depth"],
                 ["--pairs", "canny+color", "--pair_weights", "1.0"], ["--conditions", "depth"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
@@ -142,7 +143,8 @@ def test_csc_width_flags_reach_the_csc_runs_only_and_the_report(script, tmp_path
     assert csc[csc.index("--encoder_width_ratio") + 1] == "2.0" and csc[csc.index("--down_ratio") + 1] == "4.0"
     assert csc[csc.index("--condition_channels") + 1] == "512"
     assert not {"--encoder_width_ratio", "--down_ratio", "--condition_channels"} & set(controlnet)
-    assert csc[csc.index("--learning_rate") + 1] == "0.003" and controlnet[controlnet.index("--learning_rate") + 1] == "0.001"
+    assert csc[csc.index("--learning_rate") + 1] == "0.003"
+    assert controlnet[controlnet.index("--learning_rate") + 1] == "0.001"
     commands.clear()
     script.train(script.parse_args(["--learning_rate", "3e-3"]), "controlnet", tmp_path, tmp_path / "c", 32)
     script.train(script.parse_args([]), "csc", tmp_path, tmp_path / "csc", 32)
