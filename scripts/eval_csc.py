@@ -140,7 +140,7 @@ def run_dir(work: Path, condition: str, method: str) -> Path:
 
 def learning_rate(args, method: str) -> float:
     """The learning rate ``method`` trains at: ``--controlnet_learning_rate`` for controlnet when given."""
-    own = getattr(args, "controlnet_learning_rate", None)
+    own = args.controlnet_learning_rate
     return own if method == "controlnet" and own is not None else args.learning_rate
 
 
@@ -284,6 +284,11 @@ def csc_widths(pipe) -> str | None:
     return "; ".join(sorted(phrases)) or None
 
 
+def scale_suffix(scale: float) -> str:
+    """How a row measured at control scale ``scale`` is named in the table and the grid: `` x1.5``; none at 1."""
+    return f" x{scale:g}" if scale != 1 else ""
+
+
 def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base else "-"
 
@@ -321,7 +326,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         miou = f"{r['miou']:.3f}" if "miou" in r else "-"
         miou_ratio = _ratio(r["miou"], base["miou"]) if "miou" in r and "miou" in base else "-"
         colour = f"{r['color_error']:.1f}" if "color_error" in r else "-"
-        method = r["method"] + (f" x{r['control_scale']:g}" if r.get("control_scale", 1.0) != 1.0 else "")
+        method = r["method"] + scale_suffix(r.get("control_scale", 1.0))
         lines.append(f"| {r.get('condition', '-')} | {method} | {r['trainable_params']:,d} | {r['edge_f1']:.3f} | "
                      f"{_ratio(r['edge_f1'], base['edge_f1'])} | {miou} | {miou_ratio} | {colour} | "
                      f"{100 * r['caption_fidelity']:.1f}% | {change:+.1f} pts | {seconds} |")
@@ -411,11 +416,11 @@ def main(argv=None) -> int:
         if (seconds := read_train_time(out)) is not None:  # also when --skip_training reuses a run
             row["train_seconds"] = seconds
         pipe = load_pipeline(base, method, out)
+        row.update(trainable_params=trainable_count(pipe, method), csc_widths=csc_widths(pipe))
         for scale in args.control_scales:
             images = generate(pipe, prompts, controls[condition], args.seed, weights=[scale])
-            rows.append({**row, "control_scale": scale, "trainable_params": trainable_count(pipe, method),
-                         "csc_widths": csc_widths(pipe), **measure(images, prompts, truth=truth)})
-            grids[f"{method} {condition}" + (f" x{scale:g}" if scale != 1 else "")] = images
+            rows.append({**row, "control_scale": scale, **measure(images, prompts, truth=truth)})
+            grids[f"{method} {condition}{scale_suffix(scale)}"] = images
             print(json.dumps(rows[-1]), flush=True)
     for pair in args.pairs:
         weights = args.pair_weights or [1.0] * len(pair)
@@ -436,7 +441,8 @@ def main(argv=None) -> int:
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
             "model": sd_label(base),
             "conditions": args.conditions, "pairs": ["+".join(p) for p in args.pairs],
-            "pair_weights": args.pair_weights, "control_scales": args.control_scales, "color_cell": truth["color_cell"], "grid_rows": list(grids) + ["real"],
+            "pair_weights": args.pair_weights, "control_scales": args.control_scales, "color_cell": truth["color_cell"],
+            "grid_rows": list(grids) + ["real"],
             "csc_widths": sorted({r["csc_widths"] for r in rows if r.get("csc_widths")})}
     table = markdown(rows, meta)
     write_results(rows, meta, table, results, "csc_fidelity")
