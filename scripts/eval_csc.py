@@ -58,7 +58,7 @@ from vistune.core.serialization import atomic_write
 from vistune.data import ShapesDataset
 from vistune.demo import vae_round_trip
 from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
-from vistune.sd_training import TIMESTEP_SAMPLINGS, ConditionedDataset, read_train_time, record_train_time
+from vistune.sd_training import TIMESTEP_SAMPLINGS, ConditionedDataset, read_train_time, record_train_time, snr_flag, snr_note
 
 SCRIPT = Path(__file__).with_name("train_csc_tuner.py")
 METHODS = ("csc", "csc_1x1", "controlnet")
@@ -108,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conditioning_dropout", type=float, default=0.1)
     p.add_argument("--timestep_sampling", default="cubic", choices=TIMESTEP_SAMPLINGS,
                    help="training timesteps for every method (cubic: biased to high noise, learns control sooner)")
+    p.add_argument("--snr_gamma", type=float, default=None,
+                   help="train every method with Min-SNR loss weights of this gamma (default: plain MSE)")
     p.add_argument("--num_train_images", type=int, default=2000)
     p.add_argument("--num_eval_scenes", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +154,7 @@ def train(args, method: str, base: Path, out: Path, resolution: int, condition: 
                "--resolution", str(resolution), "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.steps), "--learning_rate", str(learning_rate(args, method)),
                "--conditioning_dropout", str(args.conditioning_dropout), "--seed", str(args.seed),
-               "--timestep_sampling", args.timestep_sampling, "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma), "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "csc_1x1":
         command += ["--dense_kernel_size", "1"]
     if method != "controlnet":
@@ -300,7 +302,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g}"
         + (f" (ControlNet {meta['controlnet_learning_rate']:g})" if meta.get("controlnet_learning_rate") else "")
         + ", "
-        f"{meta.get('timestep_sampling', 'uniform')} timesteps, caption "
+        f"{meta.get('timestep_sampling', 'uniform')} timesteps{snr_note(meta)}, caption "
         f"dropout {meta['conditioning_dropout']:g}, seed {meta['seed']}, {meta['train_images']} training scenes "
         f"(exact edges / class masks); {meta['eval_scenes']} unseen scenes (caption as prompt, ground-truth map as "
         f"control), one image each, {SAMPLING_STEPS} DDIM steps, guidance {GUIDANCE:g}. Edge F1: canny edges of "
@@ -437,7 +439,7 @@ def main(argv=None) -> int:
     rows += [ceiling, real]
     meta = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "controlnet_learning_rate": args.controlnet_learning_rate,
-            "timestep_sampling": args.timestep_sampling, "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
+            "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma, "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
             "model": sd_label(base),
             "conditions": args.conditions, "pairs": ["+".join(p) for p in args.pairs],

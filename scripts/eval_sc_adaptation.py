@@ -33,7 +33,7 @@ from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
-from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time
+from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time, snr_flag, snr_note
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
 METHODS = ("sc", "lora", "full")
@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
                    help="training timesteps: uniform (the SD recipe), cubic (biased to high noise, where layout and colour "
                         "form) or cubic_low (biased to low noise)")
+    p.add_argument("--snr_gamma", type=float, default=None,
+                   help="train every method with Min-SNR loss weights of this gamma (default: plain MSE)")
     p.add_argument("--num_train_images", type=int, default=1000)
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +76,7 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
                "--resolution", str(resolution),
                "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
                "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
-               "--timestep_sampling", args.timestep_sampling, "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma), "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "sc":
         command += ["--sc_down_ratio", str(args.sc_down_ratio)]
         if args.sc_target_skips is not None:
@@ -127,7 +129,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Style adaptation of {meta.get('model', 'the shipped tiny SD')} to '{meta['style']}'",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
-        f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps, seed {meta['seed']}, {meta['train_images']} training scenes; "
+        f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps{snr_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
         f"score {meta['style_target']:.3f}; through the model's VAE (encode + decode) they score "
         f"{meta['style_vae_ceiling']:.3f}, so no U-Net tuner can close more than {100 * meta['gap_ceiling']:.0f}% of the gap. "
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
             "lora_rank": args.lora_rank, "sc_target_skips": args.sc_target_skips, "sc_down_ratio": args.sc_down_ratio,
-            "timestep_sampling": args.timestep_sampling, "style_vae_ceiling": ceiling,
+            "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma, "style_vae_ceiling": ceiling,
             "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target), "base": str(base),
             "model": sd_label(base)}
     table = markdown(rows, meta)

@@ -59,3 +59,14 @@ def test_vae_round_trip_bounds_what_a_unet_tuner_can_reach():
     assert abs(mean_statistic(out, "pastel") - mean_statistic(pastel, "pastel")) < 0.05
     noise, _ = style_domain("noise", 16, 0, 32)
     assert mean_statistic(vae_round_trip(vae, noise), "noise") < 0.6 * mean_statistic(noise, "noise")
+
+
+def test_snr_gamma_reaches_every_run_and_the_report_header(tmp_path, monkeypatch):
+    script = load_script("eval_sc_adaptation")
+    commands = []
+    monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
+    for method in ("sc", "lora", "full"):
+        script.train(script.parse_args(["--snr_gamma", "5"]), method, tmp_path, tmp_path / method, 32)
+    script.train(script.parse_args([]), "sc", tmp_path, tmp_path / "plain", 32)
+    assert [c[c.index("--snr_gamma") + 1] for c in commands[:3]] == ["5", "5", "5"]
+    assert "--snr_gamma" not in commands[3]
