@@ -58,7 +58,9 @@ from vistune.core.serialization import atomic_write
 from vistune.data import ShapesDataset
 from vistune.demo import vae_round_trip
 from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
-from vistune.sd_training import TIMESTEP_SAMPLINGS, ConditionedDataset, read_train_time, record_train_time, snr_flag, snr_note
+from vistune.sd_training import (
+    TIMESTEP_SAMPLINGS, ConditionedDataset, read_train_time, record_train_time, snr_flag, snr_note,
+)
 
 SCRIPT = Path(__file__).with_name("train_csc_tuner.py")
 METHODS = ("csc", "csc_1x1", "controlnet")
@@ -154,7 +156,8 @@ def train(args, method: str, base: Path, out: Path, resolution: int, condition: 
                "--resolution", str(resolution), "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.steps), "--learning_rate", str(learning_rate(args, method)),
                "--conditioning_dropout", str(args.conditioning_dropout), "--seed", str(args.seed),
-               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma), "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma),
+               "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "csc_1x1":
         command += ["--dense_kernel_size", "1"]
     if method != "controlnet":
@@ -439,7 +442,8 @@ def main(argv=None) -> int:
     rows += [ceiling, real]
     meta = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "controlnet_learning_rate": args.controlnet_learning_rate,
-            "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma, "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
+            "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma,
+            "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
             "model": sd_label(base),
             "conditions": args.conditions, "pairs": ["+".join(p) for p in args.pairs],

@@ -33,7 +33,9 @@ from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
-from vistune.sd_training import LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time, snr_flag, snr_note
+from vistune.sd_training import (
+    LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time, snr_flag, snr_note,
+)
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
 METHODS = ("sc", "lora", "full")
@@ -76,7 +78,8 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
                "--resolution", str(resolution),
                "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
                "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
-               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma), "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma),
+               "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "sc":
         command += ["--sc_down_ratio", str(args.sc_down_ratio)]
         if args.sc_target_skips is not None:
