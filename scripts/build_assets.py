@@ -49,6 +49,7 @@ from vistune.data import (
     sample_scene,
     write_word_tokenizer,
 )
+from vistune.sd_training import min_snr_weights
 from vistune.training import latest_checkpoint, load_checkpoint, save_checkpoint
 
 SD_RES = 32
@@ -324,8 +325,6 @@ def stage_sd(args, accelerator, images, captions) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.sd_learning_rate, weight_decay=0.01)
     ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    alphas = noise_scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
     generator = torch.Generator().manual_seed(args.seed + 1)
     ema_params = list(ema["unet"].parameters()) + list(ema["text_encoder"].parameters())
 
@@ -353,7 +352,7 @@ def stage_sd(args, accelerator, images, captions) -> dict:
         device = accelerator.device
         with accelerator.autocast():
             pred = unet(zt.to(device), t.to(device), encoder_hidden_states=text_encoder(tokens.to(device))[0]).sample
-        weight = (snr[t].clamp(max=5.0) / (snr[t] + 1)).to(device)  # min-SNR-5 for v-prediction
+        weight = min_snr_weights(noise_scheduler, t, 5.0).to(device)  # min-SNR-5 (v-prediction)
         loss = (weight * F.mse_loss(pred.float(), target.to(device), reduction="none").mean((1, 2, 3))).mean()
         value = _optimize(loss, optimizer, accelerator, clip_params=params)
         with torch.no_grad():
