@@ -50,6 +50,7 @@ from vistune.sd_training import (
     backward_and_step,
     begin_training,
     check_sd_folder,
+    continue_run,
     controlnet_embedding_channels,
     denoising_loss,
     encode_images,
@@ -59,6 +60,7 @@ from vistune.sd_training import (
     publish,
     finish_step,
     micro_batch_indices,
+    run_record,
     step_generator,
 )
 from vistune.training import resolve_checkpoint
@@ -204,11 +206,7 @@ def main(argv=None) -> int:
     check_sd_folder(args.pretrained_model_name_or_path)
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        saved = json.loads((resume / "state.json").read_text())["extra"]
-        for key in ("method", "condition"):
-            if saved.get(key) != getattr(args, key):
-                raise ValueError(f"{resume} was written with --{key} {saved.get(key)}, not --{key} {getattr(args, key)}")
-        args.seed = saved["seed"]  # the data order and noise are functions of it
+        continue_run(resume, args, ("condition",))
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     dataset = build_dataset(args)
@@ -289,7 +287,7 @@ def main(argv=None) -> int:
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1
         finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
-                    extra={"seed": args.seed, "method": args.method, "condition": args.condition})
+                    extra=run_record(args, ("condition",)))
         if accelerator.is_main_process:
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet),

@@ -36,7 +36,9 @@ with the empty caption (``--missing_captions empty``, the default) or are left o
 are skipped; both with a warning and a count. ``--shapes_domain STYLE`` renders ``--num_train_images`` shapes-world
 scenes in that style (plain, striped, outline, pastel, noise) with their ordinary captions, so the tuner learns
 the style as the new default look. Every random draw of a step (which examples, noise, timesteps, flips) is a
-function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterrupted run exactly.
+function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterrupted run exactly; it refuses
+flags that change the optimisation (method, batch, learning rate and schedule, timesteps, ``--snr_gamma``) other
+than the interrupted run's.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from vistune.sd_training import (
     backward_and_step,
     begin_training,
     check_sd_folder,
+    continue_run,
     denoising_loss,
     encode_images,
     encode_prompts,
@@ -75,6 +78,7 @@ from vistune.sd_training import (
     save_trained,
     finish_step,
     micro_batch_indices,
+    run_record,
     step_generator,
 )
 from vistune.training import resolve_checkpoint
@@ -144,12 +148,7 @@ def main(argv=None) -> int:
     check_sd_folder(args.pretrained_model_name_or_path)
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        import json
-
-        saved = json.loads((resume / "state.json").read_text())["extra"]
-        if saved.get("method") != args.method:
-            raise ValueError(f"{resume} was written by --method {saved.get('method')}, not --method {args.method}")
-        args.seed = saved["seed"]  # the data order and noise are functions of it
+        continue_run(resume, args)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     dataset = build_dataset(args)
@@ -209,7 +208,7 @@ def main(argv=None) -> int:
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1
         finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
-                    extra={"seed": args.seed, "method": args.method})
+                    extra=run_record(args))
         if accelerator.is_main_process:
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet), accelerator, global_step,

@@ -1,6 +1,7 @@
 """scripts/train_sc_tuner.py on a tiny SD folder: each method's output loads the standard way, resume is exact,
 bad input fails before anything is written, and the script runs under ``accelerate launch`` with 2 processes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -136,6 +137,23 @@ def test_killed_run_resumes_to_the_same_weights(script, sd_folder, tmp_path, mon
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
     assert any(v.abs().sum() > 0 for k, v in resumed.items() if "ln2.weight" in k)  # it did train
+
+
+def test_resume_with_other_optimisation_flags_is_refused(script, sd_folder, tmp_path):
+    out = tmp_path / "run"
+    first = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--snr_gamma", "5"]
+    assert script.main(args_for(sd_folder, out, *first)) == 0
+    state = json.loads((out / "checkpoint-1" / "state.json").read_text())
+    assert state["extra"]["flags"]["snr_gamma"] == 5.0 and state["extra"]["flags"]["learning_rate"] == 1e-4
+    more = ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError, match="--snr_gamma 5.0, not --snr_gamma None; resume with"):
+        script.main(args_for(sd_folder, out, *more))
+    with pytest.raises(ValueError, match="--learning_rate 0.0001, not --learning_rate 0.001"):
+        script.main(args_for(sd_folder, out, *more, "--snr_gamma", "5", "--learning_rate", "1e-3"))
+    with pytest.raises(ValueError, match="--method sc, not --method lora"):
+        script.main(args_for(sd_folder, out, *more, "--snr_gamma", "5", "--method", "lora"))
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # nothing ran
+    assert script.main(args_for(sd_folder, out, *more, "--snr_gamma", "5")) == 0  # the same flags continue
 
 
 def test_bad_input_fails_before_writing(script, sd_folder, tmp_path):

@@ -145,7 +145,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, output_dir: str, val
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
-    p.add_argument("--resume_from_checkpoint", help='"latest" (newest in --output_dir, if any) or a checkpoint path')
+    p.add_argument("--resume_from_checkpoint", help='"latest" (newest in --output_dir, if any) or a checkpoint '
+                   "path; give the interrupted run's method, batch, learning rate and schedule, timestep sampling and "
+                   "--snr_gamma again")
     p.add_argument("--validation_prompt", help=validation_help)
     p.add_argument("--validation_steps", type=int, default=100)
     p.add_argument("--num_validation_images", type=int, default=4)
@@ -477,6 +479,30 @@ def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, snr_gamma: fl
     if kind == "v_prediction":
         return weights / (snr + 1)
     raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon or v_prediction")
+
+
+# The flags a resumed run must repeat: they shape the optimisation (the seed is taken from the checkpoint instead).
+RUN_FLAGS = ("method", "prediction_type", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+             "lr_scheduler", "lr_warmup_steps", "timestep_sampling", "snr_gamma")
+
+
+def run_record(args: argparse.Namespace, flags: Sequence[str] = ()) -> dict[str, Any]:
+    """What a checkpoint records of its run (in its ``extra``): the seed, and :data:`RUN_FLAGS` and ``flags`` under
+    ``"flags"``."""
+    return {"seed": args.seed, "flags": {key: getattr(args, key) for key in (*RUN_FLAGS, *flags)}}
+
+
+def continue_run(resume: Path, args: argparse.Namespace, flags: Sequence[str] = ()) -> None:
+    """Make ``args`` continue the run that wrote ``resume``: a :data:`RUN_FLAGS` or ``flags`` value other than the
+    recorded one is a ``ValueError`` (checkpoints of older versions recorded only ``method`` and ``condition``), and
+    the seed is the recorded one, since the data order and the noise are functions of it."""
+    saved = json.loads((resume / "state.json").read_text())["extra"]
+    recorded = saved["flags"] if "flags" in saved else {k: saved[k] for k in ("method", "condition") if k in saved}
+    for key in (*RUN_FLAGS, *flags):
+        if key in recorded and recorded[key] != getattr(args, key):
+            raise ValueError(f"{resume} was written with --{key} {recorded[key]}, not --{key} {getattr(args, key)}; "
+                             "resume with the interrupted run's flags, or start a new --output_dir")
+    args.seed = saved["seed"]
 
 
 def begin_training(args: argparse.Namespace, accelerator: Any, project: str, resume: Path | None, trained: nn.Module,
