@@ -34,7 +34,7 @@ from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
 from vistune.sd_training import (
-    LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time, snr_flag, snr_note,
+    LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time, snr_flag, snr_note,
 )
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
@@ -127,6 +127,18 @@ def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None
     return row, images
 
 
+def methods_note(rows: list[dict], meta: dict) -> str:
+    """How the report's SC-Tuner and LoRA were configured (the rows name only the method)."""
+    methods, notes = {r["method"] for r in rows}, []
+    if "sc" in methods:
+        skips = meta.get("sc_target_skips")
+        where = "every skip" if skips is None else "decoder skips " + ", ".join(map(str, skips))
+        notes.append(f"SC-Tuner on {where}, hidden width {meta.get('sc_down_ratio', 1.0):g}x the skip's channels")
+    if "lora" in methods:
+        notes.append(f"LoRA rank {meta['lora_rank']} on {', '.join(LORA_TARGET_MODULES)}")
+    return "".join(f" {note}." for note in notes)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Style adaptation of {meta.get('model', 'the shipped tiny SD')} to '{meta['style']}'",
@@ -135,7 +147,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps{snr_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
         f"score {meta['style_target']:.3f}; through the model's VAE (encode + decode) they score "
-        f"{meta['style_vae_ceiling']:.3f}, so no U-Net tuner can close more than {100 * meta['gap_ceiling']:.0f}% of the gap. "
+        f"{meta['style_vae_ceiling']:.3f}, so no U-Net tuner can close more than {100 * meta['gap_ceiling']:.0f}% of the gap.{methods_note(rows, meta)} "
         "Train time is wall clock on the machine as it was shared during the run.",
         "",
         "| method | trainable params | style statistic | gap closed | caption fidelity | fidelity change | train time |",

@@ -70,3 +70,19 @@ def test_snr_gamma_reaches_every_run_and_the_report_header(tmp_path, monkeypatch
     script.train(script.parse_args([]), "sc", tmp_path, tmp_path / "plain", 32)
     assert [c[c.index("--snr_gamma") + 1] for c in commands[:3]] == ["5", "5", "5"]
     assert "--snr_gamma" not in commands[3]
+
+
+def test_report_names_how_each_method_was_configured():
+    script = load_script("eval_sc_adaptation")
+    meta = {"style": "pastel", "steps": 8, "batch_size": 2, "learning_rate": 3e-3, "full_learning_rate": 3e-4, "seed": 0,
+            "train_images": 4, "images_per_prompt": 1, "style_target": 0.6, "style_vae_ceiling": 0.6,
+            "gap_ceiling": 1.0, "lora_rank": 3, "sc_target_skips": [-4, -3, -2, -1], "sc_down_ratio": 4.0}
+    rows = [{"method": "base", "trainable_params": 0, "style_statistic": 0.2, "caption_fidelity": 0.7},
+            {"method": "sc", "trainable_params": 10, "style_statistic": 0.5, "caption_fidelity": 0.6},
+            {"method": "lora", "trainable_params": 12, "style_statistic": 0.4, "caption_fidelity": 0.6}]
+    table = script.markdown(rows, meta)
+    assert "SC-Tuner on decoder skips -4, -3, -2, -1, hidden width 4x the skip's channels." in table
+    assert "LoRA rank 3 on to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2." in table
+    meta["sc_target_skips"] = None
+    assert "SC-Tuner on every skip, hidden width 4x" in script.markdown(rows[:2], meta)
+    assert "LoRA" not in script.markdown(rows[:2], meta)  # only the methods the report has
