@@ -34,7 +34,8 @@ from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
 from vistune.metrics import caption_fidelity
 from vistune.sd_training import (
-    LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time, snr_flag, snr_note,
+    LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time,
+    snr_flag, snr_note,
 )
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
