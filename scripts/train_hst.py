@@ -49,7 +49,7 @@ from vistune.core.serialization import atomic_write
 from vistune.data.dense import ClassificationFolder, CocoDetection, SegmentationFolder, ShapesTaskDataset, dense_collate
 from vistune.dense import METHODS, TASKS, build_task_model, create_vit, evaluate_task, save_task_model
 from vistune.dense.heads import DETECTORS
-from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
+from vistune.training import checkpoint_extra, resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.hst import HSTConfig
 
 DEFAULT_LR = {"hst": 1e-2, "linear": 1e-3, "lora": 1e-3, "full": 1e-4}
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.num_threads)
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        saved = json.loads((resume / "state.json").read_text())["extra"]
+        saved = checkpoint_extra(resume)
         if (saved.get("task"), saved.get("method")) != (args.task, args.method):
             raise ValueError(f"{resume} was written by --task {saved.get('task')} --method {saved.get('method')}")
         args.seed = saved["seed"]

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from vistune.core.model import get_tuner
 from vistune.core.serialization import atomic_write, save_tuners
 from vistune.sd_training import batch_indices, step_generator
-from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
+from vistune.training import checkpoint_extra, resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.watermark import WatermarkConfig, WatermarkKey, load_extractor, pas_select, pas_sensitivity
 from vistune.tuners.watermark.attacks import TRAIN_AUGMENTATIONS, RandomAttack, parse_attack_spec
 from vistune.tuners.watermark.data import decode_latents, encode_latents, shapes_images
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    saved = json.loads((resume / "state.json").read_text())["extra"] if resume is not None else {}
+    saved = checkpoint_extra(resume) if resume is not None else {}
     args.seed = saved.get("seed", args.seed)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from vistune.core.serialization import atomic_write
 from vistune.sd_training import batch_indices, step_generator
-from vistune.training import resolve_checkpoint, resume_training, save_checkpoint
+from vistune.training import checkpoint_extra, resolve_checkpoint, resume_training, save_checkpoint
 from vistune.tuners.watermark.attacks import (
     EXTRACTOR_AUGMENTATIONS, TRAIN_AUGMENTATIONS, RandomAttack, parse_attack_spec, quantize_straight_through,
 )
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        args.seed = json.loads((resume / "state.json").read_text())["extra"]["seed"]
+        args.seed = checkpoint_extra(resume)["seed"]
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     vae = load_vae(args.pretrained_vae)

@@ -3,6 +3,7 @@ import torch
 
 from vistune import CheckpointError
 from vistune.training import (
+    checkpoint_extra,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -85,3 +86,18 @@ def test_resolve_checkpoint_names_latest_relative_and_absolute_folders(tmp_path)
     assert resolve_checkpoint(tmp_path / "empty", "latest") is None
     with pytest.raises(FileNotFoundError, match="checkpoint-2, checkpoint-10|'checkpoint-2', 'checkpoint-10'"):
         resolve_checkpoint(tmp_path, "checkpoint-7")
+
+
+def test_checkpoint_extra_reads_the_record_and_a_corrupt_one_is_a_clear_error(tmp_path):
+    model, optimizer = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path, 3, {"model": model}, optimizer, extra={"seed": 7, "flags": {"method": "sc"}})
+    assert checkpoint_extra(path) == {"seed": 7, "flags": {"method": "sc"}}
+    state = path / "state.json"
+    state.write_text(state.read_text()[:20])  # truncated
+    for read in (lambda: checkpoint_extra(path), lambda: load_checkpoint(path, {"model": model}, optimizer)):
+        with pytest.raises(CheckpointError, match="state.json is corrupt"):
+            read()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        checkpoint_extra(tmp_path / "missing")

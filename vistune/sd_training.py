@@ -496,7 +496,9 @@ def continue_run(resume: Path, args: argparse.Namespace, flags: Sequence[str] = 
     """Make ``args`` continue the run that wrote ``resume``: a :data:`RUN_FLAGS` or ``flags`` value other than the
     recorded one is a ``ValueError`` (checkpoints of older versions recorded only ``method`` and ``condition``), and
     the seed is the recorded one, since the data order and the noise are functions of it."""
-    saved = json.loads((resume / "state.json").read_text())["extra"]
+    from .training import checkpoint_extra
+
+    saved = checkpoint_extra(resume)
     recorded = saved["flags"] if "flags" in saved else {k: saved[k] for k in ("method", "condition") if k in saved}
     for key in (*RUN_FLAGS, *flags):
         if key in recorded and recorded[key] != getattr(args, key):

@@ -101,6 +101,22 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
     )
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint (no state.json)")
+    try:
+        return json.loads(state_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{state_file} is corrupt ({err}); resume from another checkpoint") from None
+
+
+def checkpoint_extra(path: str | Path) -> dict[str, Any]:
+    """The ``extra`` a checkpoint was saved with (seed, flags, ...), read without loading any weights, so a script
+    can set itself up as the interrupted run before building anything."""
+    return _read_state(Path(path))["extra"]
+
+
 def load_checkpoint(
     path: str | Path,
     models: Mapping[str, nn.Module],
@@ -108,10 +124,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore models, optimizer and torch RNG from a checkpoint folder; returns ``{"step", "extra"}``."""
     path = Path(path)
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint (no state.json)")
-    record = json.loads(state_file.read_text())
+    record = _read_state(path)
     for name, model in models.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
