@@ -32,7 +32,7 @@ from vistune import core
 from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
 from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
-from vistune.metrics import caption_fidelity
+from vistune.metrics import caption_fidelity, caption_misses
 from vistune.sd_training import (
     LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time,
     snr_flag, snr_note,
@@ -121,7 +121,8 @@ def gap_share(value: float, base: float, target: float) -> float:
 
 def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None) -> tuple[dict, list]:
     images = generate(pipe, PROMPTS, args.seed, args.images_per_prompt)
-    row = {"style_statistic": mean_statistic(images, args.style), "caption_fidelity": caption_fidelity(images, prompts)}
+    row = {"style_statistic": mean_statistic(images, args.style), "caption_fidelity": caption_fidelity(images, prompts),
+           "caption_misses": caption_misses(images, prompts)}
     if base_row is not None:
         row["style_gap_closed"] = gap_share(row["style_statistic"], base_row["style_statistic"], target)
         row["fidelity_change_points"] = 100 * (row["caption_fidelity"] - base_row["caption_fidelity"])
@@ -160,7 +161,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         seconds = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
         lines.append(f"| {r['method']} | {r['trainable_params']:,d} | {r['style_statistic']:.3f} | {gap} | "
                      f"{100 * r['caption_fidelity']:.1f}% | {change} | {seconds} |")
-    return "\n".join(lines)
+    return "\n".join(lines + misses_note(rows))
+
+
+def misses_note(rows: list[dict]) -> list[str]:
+    """A line on why captions failed (``vistune.metrics.caption_misses``), for rows that measured it."""
+    parts = []
+    for r in rows:
+        if (m := r.get("caption_misses")) is not None:
+            missed = m["wrong_shape"] + m["wrong_colour"] + m["missing"]
+            parts.append(f"{r['method']} {missed} of {missed + m['found']} ({m['wrong_shape']} / {m['wrong_colour']} / "
+                         f"{m['missing']})")
+    if not parts:
+        return []
+    return ["", "Prompted (colour, shape) pairs the checker missed (the colour found on another shape only / the shape "
+            "found in another colour only / neither): " + "; ".join(parts) + "."]
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,8 @@ import pytest
 
 from tests.conftest import load_script
 from vistune.assets import asset_path
-from vistune.demo import generate
+from vistune.data import parse_caption
+from vistune.demo import PROMPTS, generate
 from vistune.sites import find_unet_skips
 
 
@@ -30,6 +31,8 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
     ceiling = (meta["style_vae_ceiling"] - base["style_statistic"]) / (meta["style_target"] - base["style_statistic"])
     assert meta["gap_ceiling"] == pytest.approx(ceiling)
     assert f"| sc | {sc['trainable_params']:,d} |" in (results / "sc_adaptation_pastel.md").read_text()
+    pairs = sum(len(parse_caption(p)[0]) for p in PROMPTS)  # each prompted (colour, shape) once per image
+    assert all(sum(r["caption_misses"].values()) == pairs for r in (base, sc))
     # --skip_training measures the saved run again: same numbers (same seeds), and its train time comes back
     again = tmp_path / "again"
     assert script.main(["--methods", "sc", "--skip_training", "--images_per_prompt", "1",
@@ -86,3 +89,7 @@ def test_report_names_how_each_method_was_configured():
     meta["sc_target_skips"] = None
     assert "SC-Tuner on every skip, hidden width 4x" in script.markdown(rows[:2], meta)
     assert "LoRA" not in script.markdown(rows[:2], meta)  # only the methods the report has
+    assert "missed" not in table  # reports of runs measured before caption_misses existed
+    rows[0]["caption_misses"] = {"found": 252, "wrong_shape": 68, "wrong_colour": 0, "missing": 0}
+    rows[1]["caption_misses"] = {"found": 205, "wrong_shape": 96, "wrong_colour": 8, "missing": 11}
+    assert "base 68 of 320 (68 / 0 / 0); sc 115 of 320 (96 / 8 / 11)." in script.markdown(rows, meta)

@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vistune.data import SHAPES, ShapeSpec, sample_scene, shape_mask
+from vistune.data import SHAPES, ShapeSpec, render_scene, sample_scene, shape_mask
 from vistune.metrics import (
     binomial_p_value,
     caption_fidelity,
+    caption_misses,
     checker_accuracy,
     classify_contour,
     degrade,
@@ -56,6 +57,24 @@ def test_caption_fidelity_own_vs_mismatched_captions():
     shifted = captions[1:] + captions[:1]
     assert caption_fidelity(images, shifted) <= 0.15
     assert pair_recall(images, shifted) <= 0.3
+
+
+def test_caption_misses_names_what_was_seen_instead():
+    image = render_scene([ShapeSpec("square", "red", (32, 32), 18)], "white").image
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    cases = {
+        "a red square on a white background": "found",
+        "a red circle on a white background": "wrong_shape",
+        "a blue square on a white background": "wrong_colour",
+        "a blue star on a white background": "missing",
+    }
+    for prompt, kind in cases.items():
+        counts = caption_misses([image], [prompt])
+        assert counts == {**dict.fromkeys(("found", "wrong_shape", "wrong_colour", "missing"), 0), kind: 1}, prompt
+    two = caption_misses([image, blank], ["a red square and a blue star on a white background"] * 2)
+    assert two == {"found": 1, "wrong_shape": 0, "wrong_colour": 0, "missing": 3}
+    with pytest.raises(ValueError, match="same length"):
+        caption_misses([image], [])
 
 
 def test_checker_accepts_pil_tensor_and_float_inputs():

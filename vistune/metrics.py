@@ -29,7 +29,7 @@ from vistune.data.shapes import (
 
 __all__ = [
     "DetectedShape", "detect_shapes", "detect_background", "classify_contour", "radial_harmonics",
-    "caption_fidelity", "pair_recall", "checker_accuracy", "degrade", "style_separation",
+    "caption_fidelity", "pair_recall", "caption_misses", "checker_accuracy", "degrade", "style_separation",
     "edge_f1", "edge_precision_recall", "mean_iou", "psnr", "binomial_p_value",
     "style_statistic", "style_statistics", "to_rgb_uint8",
     "shape_class_mask", "shape_miou", "color_layout_error",
@@ -202,6 +202,31 @@ def pair_recall(images: Sequence[Any], prompts: Sequence[str]) -> float:
     """Fraction of all prompted (colour, shape) pairs found in their image."""
     hits = [x for h, _ in _prompt_hits(images, prompts, False) for x in h]
     return float(np.mean(hits)) if hits else float("nan")
+
+
+def caption_misses(images: Sequence[Any], prompts: Sequence[str]) -> dict[str, int]:
+    """Why prompted (colour, shape) pairs are missed: a count of every pair by what the checker saw instead.
+
+    ``found``: the pair is there. ``wrong_shape``: the prompted colour is there, on another shape only.
+    ``wrong_colour``: the prompted shape is there, in another colour only. ``missing``: neither. Tells a model that
+    bends shapes from one that loses the palette at the same caption fidelity.
+    """
+    if len(images) != len(prompts):
+        raise ValueError("images and prompts must have the same length")
+    counts = dict.fromkeys(("found", "wrong_shape", "wrong_colour", "missing"), 0)
+    for image, prompt in zip(images, prompts):
+        found = _found_pairs(image)
+        for color, shape in parse_caption(prompt)[0]:
+            if found[(color, shape)]:
+                kind = "found"
+            elif any(c == color for c, _ in found):
+                kind = "wrong_shape"
+            elif any(s == shape for _, s in found):
+                kind = "wrong_colour"
+            else:
+                kind = "missing"
+            counts[kind] += 1
+    return counts
 
 
 def degrade(image: np.ndarray, blur_sigma: float = 0.0, noise_std: float = 0.0,
