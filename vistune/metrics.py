@@ -179,12 +179,17 @@ def _found_pairs(image: Any) -> Counter:
     return Counter((d.color, d.shape) for d in detect_shapes(image))
 
 
-def _prompt_hits(images: Sequence[Any], prompts: Sequence[str], check_background: bool):
+def _prompted_and_found(images: Sequence[Any], prompts: Sequence[str]) -> Iterator[tuple[list, Any, Counter, Any]]:
+    """Per image: the prompt's (colour, shape) pairs, its background, the checker's pairs found, the image."""
     if len(images) != len(prompts):
         raise ValueError("images and prompts must have the same length")
     for image, prompt in zip(images, prompts):
         wanted, bg = parse_caption(prompt)
-        found = _found_pairs(image)
+        yield wanted, bg, _found_pairs(image), image
+
+
+def _prompt_hits(images: Sequence[Any], prompts: Sequence[str], check_background: bool):
+    for wanted, bg, found, image in _prompted_and_found(images, prompts):
         hits = [found[p] > 0 for p in wanted]
         bg_ok = not check_background or bg is None or detect_background(image) == bg
         yield hits, bg_ok
@@ -211,12 +216,9 @@ def caption_misses(images: Sequence[Any], prompts: Sequence[str]) -> dict[str, i
     ``wrong_colour``: the prompted shape is there, in another colour only. ``missing``: neither. Tells a model that
     bends shapes from one that loses the palette at the same caption fidelity.
     """
-    if len(images) != len(prompts):
-        raise ValueError("images and prompts must have the same length")
     counts = dict.fromkeys(("found", "wrong_shape", "wrong_colour", "missing"), 0)
-    for image, prompt in zip(images, prompts):
-        found = _found_pairs(image)
-        for color, shape in parse_caption(prompt)[0]:
+    for wanted, _, found, _ in _prompted_and_found(images, prompts):
+        for color, shape in wanted:
             if found[(color, shape)]:
                 kind = "found"
             elif any(c == color for c, _ in found):
