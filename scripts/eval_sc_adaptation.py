@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "form) or cubic_low (biased to low noise)")
     p.add_argument("--snr_gamma", type=float, default=None,
                    help="train every method with Min-SNR loss weights of this gamma (default: plain MSE)")
+    p.add_argument("--use_ema", action="store_true",
+                   help="every method saves the moving average of its trained weights (train_sc_tuner.py --use_ema)")
+    p.add_argument("--ema_decay", type=float, default=0.9999)
     p.add_argument("--num_train_images", type=int, default=1000)
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -67,8 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_training", action="store_true",
                    help="measure the runs already in --work_dir again (e.g. with more --images_per_prompt); pass the "
                         "training flags they were trained with, since the report describes its runs by them")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="inference strengths to measure each trained SC-Tuner and LoRA at (the tuners' scale, LoRA's "
+                        "adapter weight), e.g. 1 0.8 0.6 for the trade-off between style and caption fidelity; full "
+                        "fine-tuning is measured at 1 only")
     p.add_argument("--output_dir", default="benchmarks/results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if any(not 0 < s <= 2 for s in args.scales):
+        p.error(f"--scales must lie in (0, 2], got {args.scales}")
+    return args
 
 
 def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
@@ -80,6 +90,7 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
                "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
                "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
                "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma),
+               *(["--use_ema", "--ema_decay", str(args.ema_decay)] if args.use_ema else []),
                "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "sc":
         command += ["--sc_down_ratio", str(args.sc_down_ratio)]
@@ -103,6 +114,23 @@ def load_pipeline(base: Path, method: str | None = None, trained: Path | None = 
     elif method == "full":
         pipe.unet = UNet2DConditionModel.from_pretrained(trained, subfolder="unet")
     return pipe
+
+
+def set_strength(pipe, method: str, scale: float) -> None:
+    """Scale the trained method's effect at inference: 0 would be the base model, 1 the trained one."""
+    if method == "sc":
+        core.set_scale(pipe.unet, scale)
+    elif method == "lora":
+        names = pipe.get_active_adapters()
+        pipe.set_adapters(names, adapter_weights=[scale] * len(names))
+    elif scale != 1.0:
+        raise ValueError(f"{method} has no inference strength; measure it at scale 1")
+
+
+def method_label(row: dict) -> str:
+    """The row's method, with its inference strength when that is not 1."""
+    scale = row.get("scale", 1.0)
+    return row["method"] if scale == 1.0 else f"{row['method']} at scale {scale:g}"
 
 
 def trainable_count(pipe, method: str | None) -> int:
@@ -141,12 +169,16 @@ def methods_note(rows: list[dict], meta: dict) -> str:
     return "".join(f" {note}." for note in notes)
 
 
+def ema_note(meta: dict) -> str:
+    return f", the moving average of the weights saved (EMA, decay cap {meta['ema_decay']:g})" if meta.get("use_ema") else ""
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Style adaptation of {meta.get('model', 'the shipped tiny SD')} to '{meta['style']}'",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
-        f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps{snr_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
+        f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps{snr_note(meta)}{ema_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
         f"score {meta['style_target']:.3f}; through the model's VAE (encode + decode) they score "
         f"{meta['style_vae_ceiling']:.3f}, so no U-Net tuner can close more than {100 * meta['gap_ceiling']:.0f}% of the gap.{methods_note(rows, meta)} "
@@ -159,7 +191,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         gap = f"{100 * r['style_gap_closed']:.0f}%" if "style_gap_closed" in r else "0%"
         change = f"{r['fidelity_change_points']:+.1f} pts" if "fidelity_change_points" in r else "-"
         seconds = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
-        lines.append(f"| {r['method']} | {r['trainable_params']:,d} | {r['style_statistic']:.3f} | {gap} | "
+        lines.append(f"| {method_label(r)} | {r['trainable_params']:,d} | {r['style_statistic']:.3f} | {gap} | "
                      f"{100 * r['caption_fidelity']:.1f}% | {change} | {seconds} |")
     return "\n".join(lines + misses_note(rows))
 
@@ -170,7 +202,7 @@ def misses_note(rows: list[dict]) -> list[str]:
     for r in rows:
         if (m := r.get("caption_misses")) is not None:
             missed = m["wrong_shape"] + m["wrong_colour"] + m["missing"]
-            parts.append(f"{r['method']} {missed} of {missed + m['found']} ({m['wrong_shape']} / {m['wrong_colour']} / "
+            parts.append(f"{method_label(r)} {missed} of {missed + m['found']} ({m['wrong_shape']} / {m['wrong_colour']} / "
                          f"{m['missing']})")
     if not parts:
         return []
@@ -202,17 +234,21 @@ def main(argv=None) -> int:
         elif not out.is_dir():
             raise SystemExit(f"--skip_training: no {method} run in {out}; train it first (without --skip_training)")
         pipe = load_pipeline(base, method, out)
-        row, images = measure(args, pipe, prompts, target, base_row)
         timing = {"train_seconds": seconds} if (seconds := read_train_time(out)) is not None else {}
-        rows.append({"method": method, "trainable_params": trainable_count(pipe, method), **timing, **row})
-        grids[method] = images
-        print(json.dumps(rows[-1]))
+        for scale in args.scales if method != "full" else [1.0]:
+            set_strength(pipe, method, scale)
+            row, images = measure(args, pipe, prompts, target, base_row)
+            rows.append({"method": method, "scale": scale, "trainable_params": trainable_count(pipe, method),
+                         **timing, **row})
+            grids[method_label(rows[-1])] = images
+            print(json.dumps(rows[-1]))
 
     meta = {"style": args.style, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
             "lora_rank": args.lora_rank, "sc_target_skips": args.sc_target_skips, "sc_down_ratio": args.sc_down_ratio,
-            "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma, "style_vae_ceiling": ceiling,
+            "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma,
+            "use_ema": args.use_ema, "ema_decay": args.ema_decay, "style_vae_ceiling": ceiling,
             "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target), "base": str(base),
             "model": sd_label(base)}
     table = markdown(rows, meta)

@@ -9,7 +9,8 @@ Runs under ``accelerate launch`` (any number of processes) or plain ``python``; 
 
 Conventions are those of ``scripts/train_sc_tuner.py`` (diffusers' training-example flags, ``checkpoint-N``
 folders holding only the trained weights + optimizer, pruned to ``--checkpoints_total_limit``, exact
-``--resume_from_checkpoint``, tqdm with loss / lr, validation images). ``--condition`` picks the control map
+``--resume_from_checkpoint``, tqdm with loss / lr, validation images, ``--use_ema`` to save the moving average of
+the trained weights). ``--condition`` picks the control map
 (:data:`vistune.conditions.CONDITIONS`): on the shapes world (``--shapes_domain``) canny and segmentation come from
 the exact ground truth, the others from the extractor on the clean image; on an image folder (``--train_data_dir``)
 from the extractor. The VAE factor is read from the VAE.
@@ -47,6 +48,7 @@ from vistune.sd_training import (
     check_training_arguments,
     ConditionedDataset,
     TrainableState,
+    TrainedEMA,
     backward_and_step,
     begin_training,
     check_sd_folder,
@@ -251,8 +253,10 @@ def main(argv=None) -> int:
         controlnet, optimizer = accelerator.prepare(controlnet.to(accelerator.device).train(), optimizer)
         trained = TrainableState(accelerator.unwrap_model(controlnet))
         trained_module = controlnet
+    ema = TrainedEMA(trained, args.ema_decay) if args.use_ema else None
 
-    first_step = begin_training(args, accelerator, "train_csc_tuner", resume, trained, optimizer, lr_scheduler, output_dir)
+    first_step = begin_training(args, accelerator, "train_csc_tuner", resume, trained, optimizer, lr_scheduler, output_dir,
+                                ema)
     accelerator.print(f"{len(dataset)} training images, condition {args.condition}; "
                       f"{sum(p.numel() for p in params):,d} trainable parameters ({args.method}); "
                       f"{args.max_train_steps} steps of {args.train_batch_size} x {accelerator.num_processes} "
@@ -287,7 +291,7 @@ def main(argv=None) -> int:
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1
         finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
-                    extra=run_record(args, ("condition",)))
+                    extra=run_record(args, ("condition",)), ema=ema)
         if accelerator.is_main_process:
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet),
@@ -298,6 +302,8 @@ def main(argv=None) -> int:
     if controlnet is None:
         vistune.set_control(accelerator.unwrap_model(unet), None, name=args.tuner_name)
     if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to()
         final_unet = accelerator.unwrap_model(unet)
         final_controlnet = None if controlnet is None else accelerator.unwrap_model(controlnet)
         save_control(args, final_unet, final_controlnet, output_dir)

@@ -22,7 +22,8 @@ Defaults follow the official SC-Tuner recipe (scepter ``methods/scedit/t2i``): A
 weight decay 1e-2), constant schedule, batch 1, 2000 steps, ``--sc_down_ratio 1.0``, plain MSE on the target of the
 model folder's scheduler (epsilon or v_prediction), uniform timesteps (``--snr_gamma 5`` weights the loss by
 Min-SNR-5, as diffusers' ``--snr_gamma``). ``--lr_scheduler`` steps once per optimizer step whatever the number of
-processes.
+processes. ``--use_ema`` saves the moving average of the trained weights (diffusers' ``EMAModel``) instead of the
+last step's, as diffusers' ``--use_ema``.
 
 Outputs in ``--output_dir`` (each written to a staging folder and renamed into place at the end):
   sc    tuner_config.json + tuner_model.safetensors   ``vistune.load_tuners(pipe.unet, output_dir)``
@@ -64,6 +65,7 @@ from vistune.sd_training import (
     LORA_TARGET_MODULES,
     METHODS,
     TrainableState,
+    TrainedEMA,
     add_trainable,
     backward_and_step,
     begin_training,
@@ -184,8 +186,10 @@ def main(argv=None) -> int:
                                  num_training_steps=args.max_train_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     trained = TrainableState(accelerator.unwrap_model(unet))
+    ema = TrainedEMA(trained, args.ema_decay) if args.use_ema else None
 
-    first_step = begin_training(args, accelerator, "train_sc_tuner", resume, trained, optimizer, lr_scheduler, output_dir)
+    first_step = begin_training(args, accelerator, "train_sc_tuner", resume, trained, optimizer, lr_scheduler, output_dir,
+                                ema)
     accelerator.print(f"{len(dataset)} training images; {sum(p.numel() for p in params):,d} trainable parameters "
                       f"({args.method}); {args.max_train_steps} steps of {args.train_batch_size} x "
                       f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1
         finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
-                    extra=run_record(args))
+                    extra=run_record(args), ema=ema)
         if accelerator.is_main_process:
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet), accelerator, global_step,
@@ -217,6 +221,8 @@ def main(argv=None) -> int:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to()
         save_trained(final, args.method, output_dir, tuner_name=args.tuner_name if args.method == "sc" else None)
         accelerator.print(f"saved the {args.method} result to {output_dir}")
         if args.validation_prompt:

@@ -20,6 +20,25 @@ def load_script(name: str):
     return module
 
 
+def kill_after(script, monkeypatch, argv: list[str], losses: int) -> None:
+    """Run a training script's ``main(argv)`` and "kill" it (KeyboardInterrupt) when its ``denoising_loss`` is
+    called for the ``losses + 1``-th time, as a process dying mid-run."""
+    real_loss, count = script.denoising_loss, [0]
+
+    def dying(*args, **kwargs):
+        count[0] += 1
+        if count[0] > losses:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(script, "denoising_loss", dying)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            script.main(argv)
+    finally:
+        monkeypatch.setattr(script, "denoising_loss", real_loss)
+
+
 def randomize(module: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
     """Give every parameter random values so a tuner is no longer the identity."""
     generator = torch.Generator().manual_seed(seed)

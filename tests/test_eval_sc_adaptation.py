@@ -73,6 +73,9 @@ def test_snr_gamma_reaches_every_run_and_the_report_header(tmp_path, monkeypatch
     script.train(script.parse_args([]), "sc", tmp_path, tmp_path / "plain", 32)
     assert [c[c.index("--snr_gamma") + 1] for c in commands[:3]] == ["5", "5", "5"]
     assert "--snr_gamma" not in commands[3]
+    assert not any("--use_ema" in c for c in commands)
+    script.train(script.parse_args(["--use_ema", "--ema_decay", "0.99"]), "lora", tmp_path, tmp_path / "ema", 32)
+    assert commands[-1][commands[-1].index("--use_ema") + 1:][:2] == ["--ema_decay", "0.99"]
 
 
 def test_report_names_how_each_method_was_configured():
@@ -90,6 +93,47 @@ def test_report_names_how_each_method_was_configured():
     assert "SC-Tuner on every skip, hidden width 4x" in script.markdown(rows[:2], meta)
     assert "LoRA" not in script.markdown(rows[:2], meta)  # only the methods the report has
     assert "missed" not in table  # reports of runs measured before caption_misses existed
+    assert "EMA" not in table
+    assert "the moving average of the weights saved (EMA, decay cap 0.999)" in script.markdown(
+        rows, {**meta, "use_ema": True, "ema_decay": 0.999})
     rows[0]["caption_misses"] = {"found": 252, "wrong_shape": 68, "wrong_colour": 0, "missing": 0}
     rows[1]["caption_misses"] = {"found": 205, "wrong_shape": 96, "wrong_colour": 8, "missing": 11}
     assert "base 68 of 320 (68 / 0 / 0); sc 115 of 320 (96 / 8 / 11)." in script.markdown(rows, meta)
+
+
+@pytest.mark.parametrize("method", ["sc", "lora"])
+def test_strength_zero_is_the_base_model_and_one_the_trained(method):
+    import torch
+    from peft import LoraConfig
+
+    from vistune import SCTunerConfig, attach, list_tuners
+
+    script = load_script("eval_sc_adaptation")
+    pipe = script.load_pipeline(asset_path("tiny-sd-shapes"))
+    unet = pipe.unet
+    torch.manual_seed(0)
+    x = torch.randn(1, unet.config.in_channels, 16, 16)
+    text = torch.randn(1, 4, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        base = unet(x, 500, text).sample
+        if method == "sc":
+            attach(unet, SCTunerConfig())
+        else:
+            unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+        trained = ([p for tuner in list_tuners(unet).values() for p in tuner.parameters()] if method == "sc"
+                   else [p for name, p in unet.named_parameters() if "lora_" in name])
+        for p in trained:
+            p.normal_(0, 0.1)  # a "trained" method that really changes the output
+        tuned = unet(x, 500, text).sample
+        strengths = {}
+        for scale in (0.0, 0.5, 1.0):
+            script.set_strength(pipe, method, scale)
+            strengths[scale] = unet(x, 500, text).sample
+    assert not torch.allclose(tuned, base, atol=1e-4)
+    torch.testing.assert_close(strengths[0.0], base)
+    torch.testing.assert_close(strengths[1.0], tuned)
+    assert not torch.allclose(strengths[0.5], base, atol=1e-4) and not torch.allclose(strengths[0.5], tuned, atol=1e-4)
+    assert script.method_label({"method": method, "scale": 0.5}) == f"{method} at scale 0.5"
+    assert script.method_label({"method": method, "scale": 1.0}) == method
+    with pytest.raises(ValueError, match="no inference strength"):
+        script.set_strength(pipe, "full", 0.5)

@@ -16,7 +16,7 @@ from vistune.data import ShapesDataset
 from vistune.sd_training import denoising_loss, encode_images, encode_prompts, load_sd_components, make_batch
 from vistune.testing import tiny_sd_pipeline
 
-from .conftest import load_script
+from .conftest import kill_after, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train_sc_tuner.py"
@@ -114,21 +114,9 @@ def test_killed_run_resumes_to_the_same_weights(script, sd_folder, tmp_path, mon
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert script.main(args_for(sd_folder, straight, *common)) == 0
 
-    calls = {"n": 0}
-    real_loss = script.denoising_loss
-
-    def dies_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 4:  # 2 steps x 2 micro-batches, then the process "dies"
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(script, "denoising_loss", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(args_for(sd_folder, killed, *common))
+    kill_after(script, monkeypatch, args_for(sd_folder, killed, *common), 4)  # 2 steps x 2 micro-batches, then dies
     assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (killed / vistune.WEIGHTS_NAME).exists()  # no final output from a killed run
-    monkeypatch.setattr(script, "denoising_loss", real_loss)
 
     assert script.main(args_for(sd_folder, killed, *common, "--resume_from_checkpoint", "latest")) == 0
     expected = safetensors.torch.load_file(straight / vistune.WEIGHTS_NAME)
@@ -191,3 +179,43 @@ def test_two_processes_with_accelerate_launch(sd_folder, tmp_path):
     components = load_sd_components(sd_folder)
     assert vistune.load_tuners(components.unet, out) == ["default"]
     assert (out / "checkpoint-2" / "state.json").is_file()
+
+
+def test_use_ema_saves_the_moving_average_of_the_trained_weights(script, sd_folder, tmp_path):
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e-2"]
+    raw, averaged = tmp_path / "raw", tmp_path / "ema"
+    assert script.main(args_for(sd_folder, raw, *common)) == 0
+    assert script.main(args_for(sd_folder, averaged, *common, "--use_ema", "--ema_decay", "0.5")) == 0
+    # the average does not change training: the same trajectory, and diffusers' EMAModel formula over it
+    steps = [safetensors.torch.load_file(raw / f"checkpoint-{n}" / "trainable.safetensors") for n in range(1, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(
+        steps[-1].values(), safetensors.torch.load_file(averaged / "checkpoint-4" / "trainable.safetensors").values()))
+    expected = dict(steps[0])  # step 1: decay 0, a copy
+    for n, state in enumerate(steps[1:], start=1):
+        decay = min((1 + n) / (10 + n), 0.5)
+        expected = {k: expected[k] - (1 - decay) * (expected[k] - state[k]) for k in state}
+    ema = safetensors.torch.load_file(averaged / "checkpoint-4" / "ema.safetensors")
+    assert int(ema.pop("ema.optimization_step")) == 4
+    assert ema.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(ema[key], expected[key])
+    # what is saved (and loads with load_tuners) is the average, not the last step
+    components = load_sd_components(sd_folder)
+    vistune.load_tuners(components.unet, averaged)
+    loaded = dict(components.unet.named_parameters())
+    moved = [k for k in expected if not torch.equal(expected[k], steps[-1][k])]
+    assert moved and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_killed_run_with_ema_resumes_to_the_same_average(script, sd_folder, tmp_path, monkeypatch):
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2", "--use_ema",
+              "--ema_decay", "0.9"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert script.main(args_for(sd_folder, straight, *common)) == 0
+    kill_after(script, monkeypatch, args_for(sd_folder, killed, *common), 2)  # dies in step 3
+    with pytest.raises(ValueError, match="--use_ema True, not --use_ema False"):
+        script.main(args_for(sd_folder, killed, *common[:-3], "--resume_from_checkpoint", "latest"))
+    assert script.main(args_for(sd_folder, killed, *common, "--resume_from_checkpoint", "latest")) == 0
+    expected = safetensors.torch.load_file(straight / vistune.WEIGHTS_NAME)
+    resumed = safetensors.torch.load_file(killed / vistune.WEIGHTS_NAME)
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)

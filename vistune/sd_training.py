@@ -6,7 +6,8 @@
 * :func:`batch_indices` / :func:`step_generator` make every random choice of a step a function of
   ``(seed, step, ...)``, so a resumed run draws exactly what an uninterrupted one would;
 * :func:`denoising_loss` is the epsilon / v-prediction MSE of the model folder's noise schedule;
-* :class:`TrainableState` lets :mod:`vistune.training` checkpoint just the trained parameters.
+* :class:`TrainableState` lets :mod:`vistune.training` checkpoint just the trained parameters, and
+  :class:`TrainedEMA` (``--use_ema``) their moving average.
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, output_dir: str, val
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--use_ema", action="store_true", help="save an exponential moving average of the trained "
+                   "weights (diffusers' EMAModel: decay (1 + n) / (10 + n) at step n, capped at --ema_decay) instead "
+                   "of the last step's; checkpoints keep it, so a resumed run averages on")
+    p.add_argument("--ema_decay", type=float, default=0.9999)
     p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
                    help="cubic: t = (1 - u^3) T, biased to high noise (T2I-Adapter), teaches control sooner; "
                         "cubic_low: t = u^3 T, biased to low noise")
@@ -163,6 +168,8 @@ def check_training_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     for name in (*POSITIVE_FLAGS, *positive):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if not 0 < args.ema_decay < 1:
+        parser.error(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         parser.error(f"--snr_gamma must be positive, got {args.snr_gamma}")
     if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
@@ -294,6 +301,10 @@ class TrainableState(nn.Module):
         self._names = [name for name, param in model.named_parameters() if param.requires_grad]
         self._params = dict(p for p in model.named_parameters() if p[1].requires_grad)
 
+    def named_trained(self) -> list[tuple[str, nn.Parameter]]:
+        """The trained parameters themselves (not copies), by name, in a fixed order."""
+        return [(name, self._params[name]) for name in self._names]
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return {name: self._params[name].detach() for name in self._names}
 
@@ -309,6 +320,52 @@ class TrainableState(nn.Module):
             for name in self._names:
                 self._params[name].copy_(state[name])
         return torch.nn.modules.module._IncompatibleKeys([], [])
+
+
+class TrainedEMA(nn.Module):
+    """An exponential moving average of a :class:`TrainableState`'s parameters, kept by diffusers' ``EMAModel``
+    (fp32 copies; decay ``(1 + n) / (10 + n)`` at step ``n``, capped at ``decay``).
+
+    :meth:`step` after each optimizer step; :meth:`copy_to` writes the average into the model before it is saved.
+    Its state dict is the averaged tensors by parameter name plus the step count, so checkpoints keep it as
+    safetensors and a resumed run averages exactly as an uninterrupted one."""
+
+    STEP_KEY = "ema.optimization_step"
+
+    def __init__(self, trained: TrainableState, decay: float) -> None:
+        from diffusers.training_utils import EMAModel
+
+        super().__init__()
+        self._names, self._params = zip(*trained.named_trained())
+        self.average = EMAModel(self._params, decay=decay)
+
+    def step(self) -> None:
+        self.average.step(self._params)
+
+    def copy_to(self) -> None:
+        """Overwrite the trained parameters with their average."""
+        with torch.no_grad():
+            for param, shadow in zip(self._params, self.average.shadow_params):
+                param.copy_(shadow)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        state = dict(zip(self._names, (t.detach() for t in self.average.shadow_params)))
+        return {**state, self.STEP_KEY: torch.tensor(self.average.optimization_step)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):  # type: ignore[override]
+        if set(state) != {*self._names, self.STEP_KEY}:
+            raise ValueError("checkpoint's moving average does not match the trained parameters (was it written by "
+                             "another --method or configuration?)")
+        with torch.no_grad():
+            for name, shadow in zip(self._names, self.average.shadow_params):
+                shadow.copy_(state[name])
+        self.average.optimization_step = int(state[self.STEP_KEY])
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+
+def checkpointed(trained: nn.Module, ema: TrainedEMA | None) -> dict[str, nn.Module]:
+    """What a checkpoint holds: the trained parameters, and their moving average under ``--use_ema``."""
+    return {"trainable": trained} if ema is None else {"trainable": trained, "ema": ema}
 
 
 # ----------------------------------------------------------------------------------------------- randomness
@@ -483,7 +540,7 @@ def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, snr_gamma: fl
 
 # The flags a resumed run must repeat: they shape the optimisation (the seed is taken from the checkpoint instead).
 RUN_FLAGS = ("method", "prediction_type", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
-             "lr_scheduler", "lr_warmup_steps", "timestep_sampling", "snr_gamma")
+             "lr_scheduler", "lr_warmup_steps", "timestep_sampling", "snr_gamma", "use_ema", "ema_decay")
 
 
 def run_record(args: argparse.Namespace, flags: Sequence[str] = ()) -> dict[str, Any]:
@@ -508,12 +565,13 @@ def continue_run(resume: Path, args: argparse.Namespace, flags: Sequence[str] = 
 
 
 def begin_training(args: argparse.Namespace, accelerator: Any, project: str, resume: Path | None, trained: nn.Module,
-                   optimizer: Any, lr_scheduler: Any, output_dir: Path) -> int:
-    """Restore ``trained``, the optimizer and the schedule from ``resume`` (if any), create ``output_dir`` and start
-    the trackers (main process); returns the first step to run (the counterpart of :func:`finish_step`)."""
+                   optimizer: Any, lr_scheduler: Any, output_dir: Path, ema: TrainedEMA | None = None) -> int:
+    """Restore ``trained`` (and ``ema``), the optimizer and the schedule from ``resume`` (if any), create
+    ``output_dir`` and start the trackers (main process); returns the first step to run (the counterpart of
+    :func:`finish_step`)."""
     from .training import resume_training
 
-    first_step = resume_training(resume, {"trainable": trained}, optimizer, lr_scheduler, accelerator.print)
+    first_step = resume_training(resume, checkpointed(trained, ema), optimizer, lr_scheduler, accelerator.print)
     if resume is None and args.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
     if accelerator.is_main_process:
@@ -534,19 +592,23 @@ def backward_and_step(accelerator: Any, loss: torch.Tensor, params: Sequence[tor
 
 
 def finish_step(args: argparse.Namespace, accelerator: Any, progress: Any, lr_scheduler: Any, optimizer: Any,
-                trained: nn.Module, step_loss: float, global_step: int, output_dir: Path, extra: dict) -> None:
-    """After an optimizer step: advance the schedule, show and log loss and lr, stop on a non-finite loss, and (main
-    process) save a checkpoint of ``trained`` every ``--checkpointing_steps`` with ``extra`` and the scheduler."""
+                trained: nn.Module, step_loss: float, global_step: int, output_dir: Path, extra: dict,
+                ema: TrainedEMA | None = None) -> None:
+    """After an optimizer step: advance the schedule and the moving average (if any), show and log loss and lr, stop
+    on a non-finite loss, and (main process) save a checkpoint of ``trained`` (and ``ema``) every
+    ``--checkpointing_steps`` with ``extra`` and the scheduler."""
     from .training import save_checkpoint
 
     lr_scheduler.step()
+    if ema is not None:
+        ema.step()
     lr = lr_scheduler.get_last_lr()[0]
     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
     accelerator.log({"train_loss": step_loss, "lr": lr}, step=global_step)
     if not math.isfinite(step_loss):
         raise FloatingPointError(f"loss is {step_loss} at step {global_step}; lower --learning_rate?")
     if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
-        path = save_checkpoint(output_dir, global_step, {"trainable": trained}, optimizer,
+        path = save_checkpoint(output_dir, global_step, checkpointed(trained, ema), optimizer,
                                extra={**extra, "lr_scheduler": lr_scheduler.state_dict()},
                                total_limit=args.checkpoints_total_limit)
         accelerator.print(f"\nsaved {path}")
