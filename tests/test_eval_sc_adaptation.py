@@ -35,10 +35,13 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
     assert all(sum(r["caption_misses"].values()) == pairs for r in (base, sc))
     # --skip_training measures the saved run again: same numbers (same seeds), and its train time comes back
     again = tmp_path / "again"
-    assert script.main(["--methods", "sc", "--skip_training", "--images_per_prompt", "1",
+    assert script.main(["--methods", "sc", "--skip_training", "--images_per_prompt", "1", "--scales", "1", "0.5",
                         "--work_dir", str(tmp_path / "work"), "--output_dir", str(again)]) == 0
-    _, sc_again = json.loads((again / "sc_adaptation_pastel.json").read_text())["rows"]
+    _, sc_again, sc_half = json.loads((again / "sc_adaptation_pastel.json").read_text())["rows"]
     assert sc_again == sc and sc["train_seconds"] > 0
+    assert sc_half["scale"] == 0.5 and sc_half["trainable_params"] == sc["trainable_params"]
+    assert sc_half["style_statistic"] != sc["style_statistic"]  # measured at another strength, not copied
+    assert "| sc at scale 0.5 |" in (again / "sc_adaptation_pastel.md").read_text()
     with pytest.raises(SystemExit, match="no lora run"):
         script.main(["--methods", "lora", "--skip_training", "--work_dir", str(tmp_path / "work"),
                      "--output_dir", str(again)])

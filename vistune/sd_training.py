@@ -324,7 +324,8 @@ class TrainableState(nn.Module):
 
 class TrainedEMA(nn.Module):
     """An exponential moving average of a :class:`TrainableState`'s parameters, kept by diffusers' ``EMAModel``
-    (fp32 copies; decay ``(1 + n) / (10 + n)`` at step ``n``, capped at ``decay``).
+    (copies of the trained parameters, fp32 as they are; decay ``(1 + n) / (10 + n)`` at step ``n``, capped at
+    ``decay``).
 
     :meth:`step` after each optimizer step; :meth:`copy_to` writes the average into the model before it is saved.
     Its state dict is the averaged tensors by parameter name plus the step count, so checkpoints keep it as
