@@ -234,12 +234,13 @@ def main(argv=None) -> int:
         elif not out.is_dir():
             raise SystemExit(f"--skip_training: no {method} run in {out}; train it first (without --skip_training)")
         pipe = load_pipeline(base, method, out)
-        timing = {"train_seconds": seconds} if (seconds := read_train_time(out)) is not None else {}
+        fixed = {"trainable_params": trainable_count(pipe, method)}
+        if (seconds := read_train_time(out)) is not None:
+            fixed["train_seconds"] = seconds
         for scale in args.scales if method != "full" else [1.0]:
             set_strength(pipe, method, scale)
             row, images = measure(args, pipe, prompts, target, base_row)
-            rows.append({"method": method, "scale": scale, "trainable_params": trainable_count(pipe, method),
-                         **timing, **row})
+            rows.append({"method": method, "scale": scale, **fixed, **row})
             grids[method_label(rows[-1])] = images
             print(json.dumps(rows[-1]))
 
