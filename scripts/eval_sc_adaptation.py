@@ -14,6 +14,11 @@ seed; a fresh subprocess each), loaded back the way users load it (``load_tuners
   the model's VAE give the ceiling (no U-Net tuner can output what the VAE cannot decode);
 * caption fidelity (every prompted colour and shape found by the checker) and its change from the base model.
 
+Where the fidelity cost comes from: ``--step_windows 0:0.5 0.5:1`` also measures each trained SC-Tuner and LoRA
+acting on part of the sampling steps only (strength 0 elsewhere; fractions of the steps, as diffusers'
+``control_guidance_start`` / ``end``), and ``--recolored_base`` (pastel) adds the base model's own images
+recoloured to pastel pixel by pixel (``vistune.data.recolor_pastel``): the style with no shape changed.
+
 Writes ``<output_dir>/sc_adaptation_<style>.{json,md,png}`` (the grid: one image per prompt, a row per method).
 """
 
@@ -27,11 +32,15 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from vistune import core
 from vistune.assets import asset_path, sd_label
 from vistune.bench.runner import write_results
-from vistune.demo import PROMPTS, generate, mean_statistic, save_grid, style_domain, vae_round_trip
+from vistune.data import recolor_pastel
+from vistune.demo import (
+    PROMPTS, SAMPLING_STEPS, generate, mean_statistic, save_grid, style_domain, vae_round_trip,
+)
 from vistune.metrics import caption_fidelity, caption_misses
 from vistune.sd_training import (
     LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time,
@@ -74,11 +83,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="inference strengths to measure each trained SC-Tuner and LoRA at (the tuners' scale, LoRA's "
                         "adapter weight), e.g. 1 0.8 0.6 for the trade-off between style and caption fidelity; full "
                         "fine-tuning is measured at 1 only")
+    p.add_argument("--step_windows", type=step_window, nargs="+", default=[(0.0, 1.0)],
+                   help="START:END fractions of the sampling steps where each trained SC-Tuner and LoRA acts "
+                        "(strength 0 elsewhere), one row each, e.g. 0:1 0:0.5 0.5:1; full fine-tuning: 0:1 only")
+    p.add_argument("--recolored_base", action="store_true",
+                   help="add a row of the base model's images recoloured to pastel (needs --style pastel)")
     p.add_argument("--output_dir", default="benchmarks/results")
     args = p.parse_args(argv)
     if any(not 0 < s <= 2 for s in args.scales):
         p.error(f"--scales must lie in (0, 2], got {args.scales}")
+    if args.recolored_base and args.style != "pastel":
+        p.error(f"--recolored_base recolours to pastel only, not {args.style!r}")
     return args
+
+
+def step_window(text: str) -> tuple[float, float]:
+    """'START:END' -> (start, end), fractions of the sampling steps with 0 <= start < end <= 1."""
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a step window is START:END, e.g. 0:0.5; got {text!r}") from None
+    if not 0.0 <= start < end <= 1.0:
+        raise argparse.ArgumentTypeError(f"a step window needs 0 <= START < END <= 1, got {text!r}")
+    return start, end
 
 
 def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
@@ -127,10 +154,29 @@ def set_strength(pipe, method: str, scale: float) -> None:
         raise ValueError(f"{method} has no inference strength; measure it at scale 1")
 
 
+def windowed(pipe, method: str, scale: float, window: tuple[float, float]):
+    """Set ``method``'s strength for the first sampling step and return the ``callback_on_step_end`` that sets it
+    for each next one: ``scale`` inside ``window`` (fractions of the steps), 0 outside. It wraps round after the
+    last step, so the next prompt's call starts right too."""
+    start, end = window
+
+    def strength(i: int, total: int) -> float:
+        return 0.0 if (i / total < start or (i + 1) / total > end) else scale
+
+    def step_end(called, i, t, callback_kwargs):
+        total = called._num_timesteps
+        set_strength(called, method, strength((i + 1) % total, total))
+        return {}
+
+    set_strength(pipe, method, strength(0, SAMPLING_STEPS))
+    return step_end
+
+
 def method_label(row: dict) -> str:
-    """The row's method, with its inference strength when that is not 1."""
-    scale = row.get("scale", 1.0)
-    return row["method"] if scale == 1.0 else f"{row['method']} at scale {scale:g}"
+    """The row's method, with its inference strength when that is not 1 and its step window when not all."""
+    scale, window = row.get("scale", 1.0), tuple(row.get("step_window", (0.0, 1.0)))
+    label = row["method"] if scale == 1.0 else f"{row['method']} at scale {scale:g}"
+    return label if window == (0.0, 1.0) else f"{label} on steps {window[0]:g}-{window[1]:g}"
 
 
 def trainable_count(pipe, method: str | None) -> int:
@@ -147,8 +193,11 @@ def gap_share(value: float, base: float, target: float) -> float:
     return (value - base) / (target - base)
 
 
-def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None) -> tuple[dict, list]:
-    images = generate(pipe, PROMPTS, args.seed, args.images_per_prompt)
+def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None, images: list | None = None,
+            **call_kwargs) -> tuple[dict, list]:
+    """Generate (or take ``images``) and measure the style statistic, caption fidelity and misses."""
+    if images is None:
+        images = generate(pipe, PROMPTS, args.seed, args.images_per_prompt, **call_kwargs)
     row = {"style_statistic": mean_statistic(images, args.style), "caption_fidelity": caption_fidelity(images, prompts),
            "caption_misses": caption_misses(images, prompts)}
     if base_row is not None:
@@ -193,7 +242,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         seconds = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
         lines.append(f"| {method_label(r)} | {r['trainable_params']:,d} | {r['style_statistic']:.3f} | {gap} | "
                      f"{100 * r['caption_fidelity']:.1f}% | {change} | {seconds} |")
-    return "\n".join(lines + misses_note(rows))
+    return "\n".join(lines + probes_note(rows) + misses_note(rows))
+
+
+def probes_note(rows: list[dict]) -> list[str]:
+    """What the probe rows (recoloured base, step windows) are, when the report has any."""
+    notes = []
+    if any(r["method"] == "base recoloured" for r in rows):
+        notes.append("'base recoloured': the base model's images above with their shapes mixed toward white as the "
+                     "pastel style mixes them (`vistune.data.recolor_pastel`), the style with no shape changed.")
+    if any(tuple(r.get("step_window", (0.0, 1.0))) != (0.0, 1.0) for r in rows):
+        notes.append(f"'on steps a-b': the trained method acts on that fraction of the {SAMPLING_STEPS} sampling steps "
+                     "only (0 = the first, noisiest), at strength 0 on the others.")
+    return ["", " ".join(notes)] if notes else []
 
 
 def misses_note(rows: list[dict]) -> list[str]:
@@ -227,6 +288,11 @@ def main(argv=None) -> int:
     base_row, images = measure(args, pipe, prompts, target, None)
     rows = [{"method": "base", "trainable_params": 0, **base_row}]
     grids = {"base": images}
+    if args.recolored_base:
+        recolored = [Image.fromarray(recolor_pastel(image)) for image in images]
+        row, _ = measure(args, pipe, prompts, target, base_row, images=recolored)
+        rows.append({"method": "base recoloured", "trainable_params": 0, **row})
+        grids["base recoloured"] = recolored
     for method in args.methods:
         out = work / method
         if not args.skip_training:
@@ -237,19 +303,22 @@ def main(argv=None) -> int:
         fixed = {"trainable_params": trainable_count(pipe, method)}
         if (seconds := read_train_time(out)) is not None:
             fixed["train_seconds"] = seconds
-        for scale in args.scales if method != "full" else [1.0]:
-            set_strength(pipe, method, scale)
-            row, images = measure(args, pipe, prompts, target, base_row)
-            rows.append({"method": method, "scale": scale, **fixed, **row})
-            grids[method_label(rows[-1])] = images
-            print(json.dumps(rows[-1]))
+        tunable = method != "full"
+        for scale in args.scales if tunable else [1.0]:
+            for window in args.step_windows if tunable else [(0.0, 1.0)]:
+                callback = windowed(pipe, method, scale, window)
+                row, images = measure(args, pipe, prompts, target, base_row, callback_on_step_end=callback)
+                rows.append({"method": method, "scale": scale, "step_window": list(window), **fixed, **row})
+                grids[method_label(rows[-1])] = images
+                print(json.dumps(rows[-1]))
 
     meta = {"style": args.style, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
             "lora_rank": args.lora_rank, "sc_target_skips": args.sc_target_skips, "sc_down_ratio": args.sc_down_ratio,
             "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma,
-            "use_ema": args.use_ema, "ema_decay": args.ema_decay, "style_vae_ceiling": ceiling,
+            "use_ema": args.use_ema, "ema_decay": args.ema_decay, "step_windows": [list(w) for w in args.step_windows],
+            "style_vae_ceiling": ceiling,
             "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target), "base": str(base),
             "model": sd_label(base)}
     table = markdown(rows, meta)

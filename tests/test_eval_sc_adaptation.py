@@ -36,12 +36,16 @@ def test_sc_run_is_trained_loaded_and_measured(tmp_path):
     # --skip_training measures the saved run again: same numbers (same seeds), and its train time comes back
     again = tmp_path / "again"
     assert script.main(["--methods", "sc", "--skip_training", "--images_per_prompt", "1", "--scales", "1", "0.5",
+                        "--step_windows", "0:1", "0.5:1", "--recolored_base",
                         "--work_dir", str(tmp_path / "work"), "--output_dir", str(again)]) == 0
-    _, sc_again, sc_half = json.loads((again / "sc_adaptation_pastel.json").read_text())["rows"]
+    _, recolored, sc_again, sc_late, sc_half, _ = json.loads((again / "sc_adaptation_pastel.json").read_text())["rows"]
     assert sc_again == sc and sc["train_seconds"] > 0
     assert sc_half["scale"] == 0.5 and sc_half["trainable_params"] == sc["trainable_params"]
     assert sc_half["style_statistic"] != sc["style_statistic"]  # measured at another strength, not copied
-    assert "| sc at scale 0.5 |" in (again / "sc_adaptation_pastel.md").read_text()
+    assert sc_late["step_window"] == [0.5, 1.0] and sc_late["style_statistic"] != sc["style_statistic"]
+    assert recolored["method"] == "base recoloured" and recolored["style_statistic"] > base["style_statistic"]
+    table = (again / "sc_adaptation_pastel.md").read_text()
+    assert all(f"| {label} |" in table for label in ("sc at scale 0.5", "sc on steps 0.5-1", "base recoloured"))
     with pytest.raises(SystemExit, match="no lora run"):
         script.main(["--methods", "lora", "--skip_training", "--work_dir", str(tmp_path / "work"),
                      "--output_dir", str(again)])
@@ -140,3 +144,39 @@ def test_strength_zero_is_the_base_model_and_one_the_trained(method):
     assert script.method_label({"method": method, "scale": 1.0}) == method
     with pytest.raises(ValueError, match="no inference strength"):
         script.set_strength(pipe, "full", 0.5)
+
+
+@pytest.mark.parametrize("method", ["sc", "lora"])
+def test_step_window_sets_the_strength_step_by_step(method, monkeypatch):
+    from peft import LoraConfig
+
+    from vistune import SCTunerConfig, attach
+
+    script = load_script("eval_sc_adaptation")
+    pipe = script.load_pipeline(asset_path("tiny-sd-shapes"))
+    if method == "sc":
+        attach(pipe.unet, SCTunerConfig())
+    else:
+        pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
+    real, current, seen = script.set_strength, [None], []
+
+    def recording(pipe, method, scale):
+        current[0] = scale
+        real(pipe, method, scale)
+
+    monkeypatch.setattr(script, "set_strength", recording)
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(current[0]))
+    callback = script.windowed(pipe, method, 0.8, (0.0, 0.4))
+    generate(pipe, [PROMPTS[0]] * 2, 0, 1, callback_on_step_end=callback)
+    steps = script.SAMPLING_STEPS
+    assert seen == ([0.8] * 10 + [0.0] * (steps - 10)) * 2  # steps 0-9 of 25 are the first 40%; the second call too
+    seen.clear()
+    generate(pipe, [PROMPTS[0]], 0, 1, callback_on_step_end=script.windowed(pipe, method, 1.0, (0.5, 1.0)))
+    assert seen == [0.0] * 13 + [1.0] * (steps - 13)  # (i + 1) / 25 <= 1 and i / 25 >= 0.5: steps 13-24
+    assert script.method_label({"method": method, "scale": 0.8, "step_window": [0.0, 0.4]}) == (
+        f"{method} at scale 0.8 on steps 0-0.4")
+    for bad in ("0.5", "0.6:0.2", "0:1.5", "a:b"):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--step_windows", bad])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--style", "striped", "--recolored_base"])

@@ -22,6 +22,7 @@ from vistune.data import (
     held_out_prompts,
     make_caption,
     parse_caption,
+    recolor_pastel,
     render_scene,
     sample_clip,
     sample_scene,
@@ -166,6 +167,18 @@ def test_style_statistic_separates_each_style_from_plain(style):
     assert qd.mean() - pd.mean() > 1.5 * (pd.std() + qd.std())
     with pytest.raises(ValueError):
         style_statistic(plain[0], "plain")
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_recolor_pastel_turns_a_plain_scene_into_the_pastel_one(size):
+    for i in range(12):  # every background occurs
+        plain = sample_scene(np.random.default_rng([7, i]), size=size)
+        pastel = sample_scene(np.random.default_rng([7, i]), size=size, style="pastel")
+        recolored = recolor_pastel(plain.image)
+        assert recolored.dtype == np.uint8 and recolored.shape == plain.image.shape
+        assert np.abs(recolored.astype(int) - pastel.image.astype(int)).max() <= 1
+        assert style_statistic(recolored, "pastel") == pytest.approx(style_statistic(pastel.image, "pastel"), abs=0.01)
+    assert np.array_equal(recolor_pastel(pastel.image / 255.0), recolor_pastel(pastel.image))  # float input too
 
 
 def test_clip_frames_move_by_the_recorded_displacement():

@@ -46,13 +46,14 @@ def demo_tuner_config() -> SCTunerConfig:
 
 
 def generate(pipe, prompts: Sequence[str], seed: int, images_per_prompt: int = 2, guidance_scale: float = GUIDANCE,
-             progress: bool = False) -> list:
-    """``images_per_prompt`` images per prompt, seeded per prompt so every call reproduces the same noise."""
+             progress: bool = False, **call_kwargs) -> list:
+    """``images_per_prompt`` images per prompt, seeded per prompt so every call reproduces the same noise;
+    ``call_kwargs`` go to each pipeline call (e.g. ``callback_on_step_end``)."""
     images = []
     for i, prompt in enumerate(tqdm(prompts, desc="prompts", leave=False, disable=not progress)):
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         images += pipe(prompt, num_inference_steps=SAMPLING_STEPS, guidance_scale=guidance_scale, generator=generator,
-                       num_images_per_prompt=images_per_prompt).images
+                       num_images_per_prompt=images_per_prompt, **call_kwargs).images
     return images
 
 

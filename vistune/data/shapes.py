@@ -187,6 +187,19 @@ def style_color(color: str, style: str) -> np.ndarray:
     return c * (1 - PASTEL_MIX) + 255 * PASTEL_MIX if style == "pastel" else c
 
 
+def recolor_pastel(image: Any, soft: float = 60.0) -> np.ndarray:
+    """Any RGB image with its shapes mixed toward white as the pastel style mixes them, and nothing else changed.
+
+    The background colour is the median of the border; a pixel is mixed in proportion to its RGB distance from it
+    (fully from ``soft`` up), so soft shape edges of generated images blend. On a plain scene this gives the pastel
+    scene's pixels; on a model's output it is the pastel style without any change of shape.
+    """
+    rgb = to_rgb_uint8(image).astype(np.float32)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    weight = np.clip(np.linalg.norm(rgb - np.median(border, axis=0), axis=-1, keepdims=True) / soft, 0.0, 1.0)
+    return np.clip(np.round(rgb + weight * PASTEL_MIX * (255.0 - rgb)), 0, 255).astype(np.uint8)
+
+
 @dataclass(eq=False)
 class ShapesSample:
     """A rendered scene with exact ground truth (see module docstring for conventions)."""
