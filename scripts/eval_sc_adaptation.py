@@ -42,6 +42,7 @@ from vistune.demo import (
     PROMPTS, SAMPLING_STEPS, generate, mean_statistic, save_grid, style_domain, vae_round_trip,
 )
 from vistune.metrics import caption_fidelity, caption_misses
+from vistune.pipelines.steps import in_step_window
 from vistune.sd_training import (
     LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time,
     snr_flag, snr_note,
@@ -49,6 +50,7 @@ from vistune.sd_training import (
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
 METHODS = ("sc", "lora", "full")
+ALL_STEPS = (0.0, 1.0)  # the step window of a method acting on every sampling step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="inference strengths to measure each trained SC-Tuner and LoRA at (the tuners' scale, LoRA's "
                         "adapter weight), e.g. 1 0.8 0.6 for the trade-off between style and caption fidelity; full "
                         "fine-tuning is measured at 1 only")
-    p.add_argument("--step_windows", type=step_window, nargs="+", default=[(0.0, 1.0)],
+    p.add_argument("--step_windows", type=step_window, nargs="+", default=[ALL_STEPS],
                    help="START:END fractions of the sampling steps where each trained SC-Tuner and LoRA acts "
                         "(strength 0 elsewhere), one row each, e.g. 0:1 0:0.5 0.5:1; full fine-tuning: 0:1 only")
     p.add_argument("--recolored_base", action="store_true",
@@ -158,13 +160,12 @@ def windowed(pipe, method: str, scale: float, window: tuple[float, float]):
     """Set ``method``'s strength for the first sampling step and return the ``callback_on_step_end`` that sets it
     for each next one: ``scale`` inside ``window`` (fractions of the steps), 0 outside. It wraps round after the
     last step, so the next prompt's call starts right too."""
-    start, end = window
 
     def strength(i: int, total: int) -> float:
-        return 0.0 if (i / total < start or (i + 1) / total > end) else scale
+        return scale if in_step_window(i, total, *window) else 0.0
 
     def step_end(called, i, t, callback_kwargs):
-        total = called._num_timesteps
+        total = called.num_timesteps
         set_strength(called, method, strength((i + 1) % total, total))
         return {}
 
@@ -174,9 +175,9 @@ def windowed(pipe, method: str, scale: float, window: tuple[float, float]):
 
 def method_label(row: dict) -> str:
     """The row's method, with its inference strength when that is not 1 and its step window when not all."""
-    scale, window = row.get("scale", 1.0), tuple(row.get("step_window", (0.0, 1.0)))
+    scale, window = row.get("scale", 1.0), tuple(row.get("step_window", ALL_STEPS))
     label = row["method"] if scale == 1.0 else f"{row['method']} at scale {scale:g}"
-    return label if window == (0.0, 1.0) else f"{label} on steps {window[0]:g}-{window[1]:g}"
+    return label if window == ALL_STEPS else f"{label} on steps {window[0]:g}-{window[1]:g}"
 
 
 def trainable_count(pipe, method: str | None) -> int:
@@ -251,7 +252,7 @@ def probes_note(rows: list[dict]) -> list[str]:
     if any(r["method"] == "base recoloured" for r in rows):
         notes.append("'base recoloured': the base model's images above with their shapes mixed toward white as the "
                      "pastel style mixes them (`vistune.data.recolor_pastel`), the style with no shape changed.")
-    if any(tuple(r.get("step_window", (0.0, 1.0))) != (0.0, 1.0) for r in rows):
+    if any(tuple(r.get("step_window", ALL_STEPS)) != ALL_STEPS for r in rows):
         notes.append(f"'on steps a-b': the trained method acts on that fraction of the {SAMPLING_STEPS} sampling steps "
                      "only (0 = the first, noisiest), at strength 0 on the others.")
     return ["", " ".join(notes)] if notes else []
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
             fixed["train_seconds"] = seconds
         tunable = method != "full"
         for scale in args.scales if tunable else [1.0]:
-            for window in args.step_windows if tunable else [(0.0, 1.0)]:
+            for window in args.step_windows if tunable else [ALL_STEPS]:
                 callback = windowed(pipe, method, scale, window)
                 row, images = measure(args, pipe, prompts, target, base_row, callback_on_step_end=callback)
                 rows.append({"method": method, "scale": scale, "step_window": list(window), **fixed, **row})

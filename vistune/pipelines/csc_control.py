@@ -33,6 +33,7 @@ from ..core.model import add_tuner, detach, set_scale
 from ..core.serialization import load_tuners, save_tuners
 from ..sites.unet import UNetSkip, find_unet_skips
 from ..tuners.csc_tuner import CSCTuner, CSCTunerConfig, set_control
+from .steps import in_step_window
 
 ControlImage = Any  # PIL image, numpy array, tensor, or a list of them (a batch)
 
@@ -410,13 +411,10 @@ class StableDiffusionCSCControlPipeline(StableDiffusionPipeline):
         names = [name for name, _, _ in controls]
         own_scales = {name: self.controlnet.tuners[name].scale for name in names}
 
-        def keep(i: int, total: int) -> float:
-            return 0.0 if (i / total < control_guidance_start or (i + 1) / total > control_guidance_end) else 1.0
-
         def set_scales(i: int, total: int) -> None:
+            keep = float(in_step_window(i, total, control_guidance_start, control_guidance_end))
             for name, _, weight in controls:
-                own = own_scales[name]
-                set_scale(self.unet, own * weight * control_scale * keep(i, total), name=name)
+                set_scale(self.unet, own_scales[name] * weight * control_scale * keep, name=name)
 
         user_callback = callback_on_step_end
         if isinstance(user_callback, (PipelineCallback, MultiPipelineCallbacks)):
