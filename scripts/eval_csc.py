@@ -59,7 +59,8 @@ from vistune.data import ShapesDataset
 from vistune.demo import vae_round_trip
 from vistune.metrics import caption_fidelity, color_layout_error, edge_f1, shape_miou
 from vistune.sd_training import (
-    TIMESTEP_SAMPLINGS, ConditionedDataset, read_train_time, record_train_time, snr_flag, snr_note,
+    TIMESTEP_SAMPLINGS, ConditionedDataset, ema_flags, ema_note, read_train_time, record_train_time, snr_flag,
+    snr_note, timestep_flags, timesteps_note,
 )
 
 SCRIPT = Path(__file__).with_name("train_csc_tuner.py")
@@ -112,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training timesteps for every method (cubic: biased to high noise, learns control sooner)")
     p.add_argument("--snr_gamma", type=float, default=None,
                    help="train every method with Min-SNR loss weights of this gamma (default: plain MSE)")
+    p.add_argument("--use_ema", action="store_true",
+                   help="every method saves the moving average of its trained weights (train_csc_tuner.py --use_ema)")
+    p.add_argument("--ema_decay", type=float, default=0.9999)
     p.add_argument("--num_train_images", type=int, default=2000)
     p.add_argument("--num_eval_scenes", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -156,8 +160,9 @@ def train(args, method: str, base: Path, out: Path, resolution: int, condition: 
                "--resolution", str(resolution), "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.steps), "--learning_rate", str(learning_rate(args, method)),
                "--conditioning_dropout", str(args.conditioning_dropout), "--seed", str(args.seed),
-               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma),
-               "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
+               *timestep_flags(args.timestep_sampling), *snr_flag(args.snr_gamma),
+               *ema_flags(args.use_ema, args.ema_decay), "--checkpointing_steps", str(args.steps + 1),
+               "--report_to", "none", "--output_dir", str(out)]
     if method == "csc_1x1":
         command += ["--dense_kernel_size", "1"]
     if method != "controlnet":
@@ -305,7 +310,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g}"
         + (f" (ControlNet {meta['controlnet_learning_rate']:g})" if meta.get("controlnet_learning_rate") else "")
         + ", "
-        f"{meta.get('timestep_sampling', 'uniform')} timesteps{snr_note(meta)}, caption "
+        f"{timesteps_note(meta)}{snr_note(meta)}{ema_note(meta)}, caption "
         f"dropout {meta['conditioning_dropout']:g}, seed {meta['seed']}, {meta['train_images']} training scenes "
         f"(exact edges / class masks); {meta['eval_scenes']} unseen scenes (caption as prompt, ground-truth map as "
         f"control), one image each, {SAMPLING_STEPS} DDIM steps, guidance {GUIDANCE:g}. Edge F1: canny edges of "
@@ -443,6 +448,7 @@ def main(argv=None) -> int:
     meta = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "controlnet_learning_rate": args.controlnet_learning_rate,
             "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma,
+            "use_ema": args.use_ema, "ema_decay": args.ema_decay,
             "conditioning_dropout": args.conditioning_dropout, "seed": args.seed,
             "train_images": args.num_train_images, "eval_scenes": args.num_eval_scenes, "base": str(base),
             "model": sd_label(base),

@@ -44,8 +44,8 @@ from vistune.demo import (
 from vistune.metrics import caption_fidelity, caption_misses
 from vistune.pipelines.steps import in_step_window
 from vistune.sd_training import (
-    LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, index_list, read_train_time, record_train_time,
-    snr_flag, snr_note,
+    LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, ema_flags, ema_note, index_list, read_train_time,
+    record_train_time, snr_flag, snr_note, timestep_flags, timesteps_note,
 )
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
                    help="training timesteps: uniform (the SD recipe), cubic (biased to high noise, where layout and colour "
                         "form) or cubic_low (biased to low noise)")
+    p.add_argument("--max_train_timestep", type=int, default=None,
+                   help="every method trains on timesteps below this only (train_sc_tuner.py --max_train_timestep); "
+                        "measure it with the --step_windows whose sampling steps lie below it, e.g. 500 and 0.5:1")
     p.add_argument("--snr_gamma", type=float, default=None,
                    help="train every method with Min-SNR loss weights of this gamma (default: plain MSE)")
     p.add_argument("--use_ema", action="store_true",
@@ -118,8 +121,8 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
                "--resolution", str(resolution),
                "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
                "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
-               "--timestep_sampling", args.timestep_sampling, *snr_flag(args.snr_gamma),
-               *(["--use_ema", "--ema_decay", str(args.ema_decay)] if args.use_ema else []),
+               *timestep_flags(args.timestep_sampling, args.max_train_timestep), *snr_flag(args.snr_gamma),
+               *ema_flags(args.use_ema, args.ema_decay),
                "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "sc":
         command += ["--sc_down_ratio", str(args.sc_down_ratio)]
@@ -219,16 +222,12 @@ def methods_note(rows: list[dict], meta: dict) -> str:
     return "".join(f" {note}." for note in notes)
 
 
-def ema_note(meta: dict) -> str:
-    return f", the moving average of the weights saved (EMA, decay cap {meta['ema_decay']:g})" if meta.get("use_ema") else ""
-
-
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Style adaptation of {meta.get('model', 'the shipped tiny SD')} to '{meta['style']}'",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
-        f"(full fine-tuning {meta['full_learning_rate']:g}), {meta.get('timestep_sampling', 'uniform')} timesteps{snr_note(meta)}{ema_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
+        f"(full fine-tuning {meta['full_learning_rate']:g}), {timesteps_note(meta)}{snr_note(meta)}{ema_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
         f"score {meta['style_target']:.3f}; through the model's VAE (encode + decode) they score "
         f"{meta['style_vae_ceiling']:.3f}, so no U-Net tuner can close more than {100 * meta['gap_ceiling']:.0f}% of the gap.{methods_note(rows, meta)} "
@@ -317,8 +316,9 @@ def main(argv=None) -> int:
             "full_learning_rate": args.full_learning_rate or args.learning_rate / 10, "seed": args.seed,
             "train_images": args.num_train_images, "images_per_prompt": args.images_per_prompt, "style_target": target,
             "lora_rank": args.lora_rank, "sc_target_skips": args.sc_target_skips, "sc_down_ratio": args.sc_down_ratio,
-            "timestep_sampling": args.timestep_sampling, "snr_gamma": args.snr_gamma,
-            "use_ema": args.use_ema, "ema_decay": args.ema_decay, "step_windows": [list(w) for w in args.step_windows],
+            "timestep_sampling": args.timestep_sampling, "max_train_timestep": args.max_train_timestep,
+            "snr_gamma": args.snr_gamma, "use_ema": args.use_ema, "ema_decay": args.ema_decay,
+            "step_windows": [list(w) for w in args.step_windows],
             "style_vae_ceiling": ceiling,
             "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target), "base": str(base),
             "model": sd_label(base)}

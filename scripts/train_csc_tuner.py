@@ -282,11 +282,13 @@ def main(argv=None) -> int:
                 if controlnet is None:
                     vistune.set_control(unet, control, name=args.tuner_name)
                     loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
-                                          timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma)
+                                          timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma,
+                                      max_timestep=args.max_train_timestep)
                 else:
                     loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
                                           controlnet=controlnet, controlnet_cond=control,
-                                          timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma)
+                                          timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma,
+                                      max_timestep=args.max_train_timestep)
                 backward_and_step(accelerator, loss, params, optimizer, args.max_grad_norm)
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1

@@ -21,7 +21,8 @@ Runs under ``accelerate launch`` (any number of processes) or plain ``python``; 
 Defaults follow the official SC-Tuner recipe (scepter ``methods/scedit/t2i``): AdamW lr 1e-4 (betas 0.9/0.999,
 weight decay 1e-2), constant schedule, batch 1, 2000 steps, ``--sc_down_ratio 1.0``, plain MSE on the target of the
 model folder's scheduler (epsilon or v_prediction), uniform timesteps (``--snr_gamma 5`` weights the loss by
-Min-SNR-5, as diffusers' ``--snr_gamma``). ``--lr_scheduler`` steps once per optimizer step whatever the number of
+Min-SNR-5, as diffusers' ``--snr_gamma``; ``--max_train_timestep 500`` trains on the low-noise half only, for a
+tuner used on the matching sampling steps only). ``--lr_scheduler`` steps once per optimizer step whatever the number of
 processes. ``--use_ema`` saves the moving average of the trained weights (diffusers' ``EMAModel``) instead of the
 last step's, as diffusers' ``--use_ema``.
 
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
                     latents = encode_images(vae, pixels, generator)
                     context = encode_prompts(tokenizer, text_encoder, captions)
                 loss = denoising_loss(unet, noise_scheduler, latents, context, generator,
-                                      timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma)
+                                      timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma,
+                                      max_timestep=args.max_train_timestep)
                 backward_and_step(accelerator, loss, params, optimizer, args.max_grad_norm)
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1

@@ -152,20 +152,24 @@ def test_csc_width_flags_reach_the_csc_runs_only_and_the_report(script, tmp_path
     assert not {"--encoder_width_ratio", "--down_ratio", "--condition_channels"} & set(commands[1])  # the defaults
 
 
-def test_snr_gamma_reaches_every_run_and_the_report_header(script, tmp_path, monkeypatch):
+def test_snr_gamma_and_ema_reach_every_run_and_the_report_header(script, tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(script.subprocess, "run", lambda command, check: commands.append(command))
     for method in ("csc", "controlnet"):
-        script.train(script.parse_args(["--snr_gamma", "5"]), method, tmp_path, tmp_path / method, 32)
+        script.train(script.parse_args(["--snr_gamma", "5", "--use_ema", "--ema_decay", "0.99"]), method, tmp_path,
+                     tmp_path / method, 32)
     script.train(script.parse_args([]), "csc", tmp_path, tmp_path / "plain", 32)
     assert [c[c.index("--snr_gamma") + 1] for c in commands[:2]] == ["5", "5"]
-    assert "--snr_gamma" not in commands[2]  # plain MSE unless asked
+    assert [c[c.index("--use_ema") + 1:][:2] for c in commands[:2]] == [["--ema_decay", "0.99"]] * 2
+    assert "--snr_gamma" not in commands[2] and "--use_ema" not in commands[2]  # plain MSE, no EMA unless asked
     meta = dict(steps=10, batch_size=4, learning_rate=1e-3, conditioning_dropout=0.1, seed=0, train_images=16,
                 eval_scenes=4, pair_weights=None, timestep_sampling="uniform")
     rows = [{"condition": "-", "method": "uncontrolled", "trainable_params": 0, "edge_f1": 0.2, "miou": 0.4,
              "color_error": 30.0, "caption_fidelity": 0.5}]
     assert "uniform timesteps, Min-SNR-5 loss weights, caption" in script.markdown(rows, {**meta, "snr_gamma": 5.0})
     assert "uniform timesteps, caption" in script.markdown(rows, meta)
+    assert "Min-SNR-5 loss weights, the moving average of the weights saved (EMA, decay cap 0.99), caption" in (
+        script.markdown(rows, {**meta, "snr_gamma": 5.0, "use_ema": True, "ema_decay": 0.99}))
 
 
 def test_report_has_every_row_and_the_pair_verdicts(script):

@@ -59,9 +59,29 @@ def test_weighted_loss_is_the_weighted_mean_and_huge_gamma_is_plain_mse():
     torch.testing.assert_close(loss(1e12), loss(None))  # gamma above every SNR: all weights are 1 (epsilon)
 
 
+def test_loss_with_max_timestep_draws_its_timesteps_below_it():
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    class Recorder(FixedPrediction):
+        def forward(self, sample, timesteps, encoder_hidden_states=None):
+            seen.append(timesteps)
+            return super().forward(sample, timesteps, encoder_hidden_states)
+
+    unet = Recorder(torch.zeros(6, 4, 8, 8))
+    denoising_loss(unet, scheduler, latents, torch.zeros(6, 3, 8), torch.Generator().manual_seed(2), max_timestep=50)
+    g = torch.Generator().manual_seed(2)
+    torch.randn(latents.shape, generator=g)  # the noise is drawn first
+    torch.testing.assert_close(seen[0], sample_timesteps(1000, 6, g, max_timestep=50))
+    assert int(seen[0].max()) < 50
+
+
 @pytest.mark.parametrize("name", ["train_csc_tuner", "train_sc_tuner"])
-def test_snr_gamma_must_be_positive(name, capsys):
+@pytest.mark.parametrize("flag, value, message", [("--snr_gamma", "0", "--snr_gamma must be positive"),
+                                                  ("--max_train_timestep", "0", "--max_train_timestep must be at least 1")])
+def test_loss_flags_are_checked(name, flag, value, message, capsys):
     script = load_script(name)
     with pytest.raises(SystemExit):
-        script.parse_args(["--pretrained_model_name_or_path", "x", "--shapes_domain", "plain", "--snr_gamma", "0"])
-    assert "--snr_gamma must be positive" in capsys.readouterr().err
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--shapes_domain", "plain", flag, value])
+    assert message in capsys.readouterr().err

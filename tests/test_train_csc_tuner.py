@@ -179,3 +179,17 @@ def test_cubic_timestep_samplings_favour_high_or_low_noise():
     assert abs((low < 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.02
     with pytest.raises(ValueError, match="timestep_sampling"):
         sample_timesteps(1000, 4, g, "beta")
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "cubic", "cubic_low"])
+def test_max_timestep_keeps_every_sampling_below_it_and_spread_over_it(sampling):
+    from vistune.sd_training import sample_timesteps
+
+    t = sample_timesteps(1000, 20000, torch.Generator().manual_seed(0), sampling, max_timestep=500)
+    assert int(t.min()) == 0 and int(t.max()) == 499  # the whole of [0, 500), nothing above
+    # the same shape of distribution on [0, 500) as on [0, 1000): P(t >= top / 2) as in the test above
+    share = {"uniform": 0.5, "cubic": 0.5 ** (1 / 3), "cubic_low": 1 - 0.5 ** (1 / 3)}[sampling]
+    assert abs((t >= 250).float().mean().item() - share) < 0.02
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match=r"max_timestep must lie in \[1, 1000\]"):
+            sample_timesteps(1000, 4, None, sampling, max_timestep=bad)

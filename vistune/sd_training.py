@@ -145,13 +145,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, output_dir: str, val
     p.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
                    help="cubic: t = (1 - u^3) T, biased to high noise (T2I-Adapter), teaches control sooner; "
                         "cubic_low: t = u^3 T, biased to low noise")
+    p.add_argument("--max_train_timestep", type=int, help="draw training timesteps below this only (default: all); "
+                   "for a style tuner applied on the low-noise sampling steps only, so the base model keeps the layout")
     p.add_argument("--snr_gamma", type=float, help="Min-SNR loss weighting with this gamma (5.0 recommended; "
                    "default: none, the plain MSE of the official recipes)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
     p.add_argument("--resume_from_checkpoint", help='"latest" (newest in --output_dir, if any) or a checkpoint '
-                   "path; give the interrupted run's method, batch, learning rate and schedule, timestep sampling and "
+                   "path; give the interrupted run's method, batch, learning rate and schedule, timesteps and "
                    "--snr_gamma again")
     p.add_argument("--validation_prompt", help=validation_help)
     p.add_argument("--validation_steps", type=int, default=100)
@@ -170,6 +172,8 @@ def check_training_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
             parser.error(f"--{name} must be at least 1")
     if not 0 < args.ema_decay < 1:
         parser.error(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
+    if args.max_train_timestep is not None and args.max_train_timestep < 1:
+        parser.error(f"--max_train_timestep must be at least 1, got {args.max_train_timestep}")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         parser.error(f"--snr_gamma must be positive, got {args.snr_gamma}")
     if args.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
@@ -455,15 +459,18 @@ TIMESTEP_SAMPLINGS = ("uniform", "cubic", "cubic_low")
 
 
 def sample_timesteps(num_train_timesteps: int, batch: int, generator: torch.Generator | None = None,
-                     sampling: str = "uniform") -> torch.Tensor:
-    """``batch`` training timesteps in ``[0, num_train_timesteps)``: uniform, ``cubic`` (``(1 - u^3) T``, biased to
-    high noise) or ``cubic_low`` (``u^3 T``, its mirror, biased to low noise)."""
+                     sampling: str = "uniform", max_timestep: int | None = None) -> torch.Tensor:
+    """``batch`` training timesteps in ``[0, T)``, ``T`` = ``max_timestep`` or ``num_train_timesteps``: uniform,
+    ``cubic`` (``(1 - u^3) T``, biased to high noise) or ``cubic_low`` (``u^3 T``, its mirror, biased to low noise)."""
+    top = num_train_timesteps if max_timestep is None else max_timestep
+    if not 1 <= top <= num_train_timesteps:
+        raise ValueError(f"max_timestep must lie in [1, {num_train_timesteps}], got {max_timestep}")
     if sampling == "uniform":
-        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+        return torch.randint(0, top, (batch,), generator=generator)
     if sampling in ("cubic", "cubic_low"):
         u3 = torch.rand(batch, generator=generator) ** 3
         share = 1 - u3 if sampling == "cubic" else u3
-        return (share * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+        return (share * top).long().clamp(0, top - 1)
     raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
 
 
@@ -477,8 +484,10 @@ def denoising_loss(
     controlnet_cond: torch.Tensor | None = None,
     timestep_sampling: str = "uniform",
     snr_gamma: float | None = None,
+    max_timestep: int | None = None,
 ) -> torch.Tensor:
-    """MSE between the U-Net's prediction and :func:`prediction_target` at random timesteps.
+    """MSE between the U-Net's prediction and :func:`prediction_target` at random timesteps (below
+    ``max_timestep`` when given).
 
     ``timestep_sampling``: ``"uniform"`` (the SD recipe) or ``"cubic"`` (T2I-Adapter's ``t = (1 - u^3) T``, biased
     toward high noise, where a control signal decides the layout; it teaches control in far fewer steps) or
@@ -494,7 +503,7 @@ def denoising_loss(
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, latents.shape[0], generator,
-                                 timestep_sampling).to(device)
+                                 timestep_sampling, max_timestep).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     extra: dict[str, Any] = {}
@@ -511,6 +520,17 @@ def denoising_loss(
     return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
 
 
+def timestep_flags(sampling: str, max_timestep: int | None = None) -> list[str]:
+    """The training-script arguments for the training timesteps, for scripts that launch training runs."""
+    return ["--timestep_sampling", sampling, *([] if max_timestep is None else ["--max_train_timestep", str(max_timestep)])]
+
+
+def timesteps_note(meta: Mapping[str, Any]) -> str:
+    """``"uniform timesteps"`` (``"... below 500"`` with ``meta["max_train_timestep"]`` 500) for a report header."""
+    top = meta.get("max_train_timestep")
+    return f"{meta.get('timestep_sampling', 'uniform')} timesteps" + ("" if top is None else f" below {top}")
+
+
 def snr_flag(snr_gamma: float | None) -> list[str]:
     """The training-script arguments for ``snr_gamma`` (none for None), for scripts that launch training runs."""
     return [] if snr_gamma is None else ["--snr_gamma", f"{snr_gamma:g}"]
@@ -520,6 +540,16 @@ def snr_note(meta: Mapping[str, Any]) -> str:
     """``", Min-SNR-5 loss weights"`` for a report whose runs trained with ``meta["snr_gamma"]`` 5, else ``""``."""
     gamma = meta.get("snr_gamma")
     return "" if gamma is None else f", Min-SNR-{gamma:g} loss weights"
+
+
+def ema_flags(use_ema: bool, ema_decay: float) -> list[str]:
+    """The training-script arguments that save the moving average of the trained weights (none when off)."""
+    return ["--use_ema", "--ema_decay", f"{ema_decay:g}"] if use_ema else []
+
+
+def ema_note(meta: Mapping[str, Any]) -> str:
+    """The report phrase for runs that saved their weights' moving average (``meta["use_ema"]``), else ``""``."""
+    return f", the moving average of the weights saved (EMA, decay cap {meta['ema_decay']:g})" if meta.get("use_ema") else ""
 
 
 def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -541,7 +571,8 @@ def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, snr_gamma: fl
 
 # The flags a resumed run must repeat: they shape the optimisation (the seed is taken from the checkpoint instead).
 RUN_FLAGS = ("method", "prediction_type", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
-             "lr_scheduler", "lr_warmup_steps", "timestep_sampling", "snr_gamma", "use_ema", "ema_decay")
+             "lr_scheduler", "lr_warmup_steps", "timestep_sampling", "max_train_timestep", "snr_gamma", "use_ema",
+             "ema_decay")
 
 
 def run_record(args: argparse.Namespace, flags: Sequence[str] = ()) -> dict[str, Any]:
