@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    components = load_sd_components(args.pretrained_model_name_or_path, args.prediction_type)
+    components = load_sd_components(args.pretrained_model_name_or_path, args.prediction_type, args.max_train_timestep)
     tokenizer, noise_scheduler = components.tokenizer, components.noise_scheduler
     factor = vae_scale_factor(components.vae)
     if args.resolution % factor:
@@ -283,12 +283,12 @@ def main(argv=None) -> int:
                     vistune.set_control(unet, control, name=args.tuner_name)
                     loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
                                           timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma,
-                                      max_timestep=args.max_train_timestep)
+                                          max_timestep=args.max_train_timestep)
                 else:
                     loss = denoising_loss(unet, noise_scheduler, latents, context.to(weight_dtype), generator,
                                           controlnet=controlnet, controlnet_cond=control,
                                           timestep_sampling=args.timestep_sampling, snr_gamma=args.snr_gamma,
-                                      max_timestep=args.max_train_timestep)
+                                          max_timestep=args.max_train_timestep)
                 backward_and_step(accelerator, loss, params, optimizer, args.max_grad_norm)
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1

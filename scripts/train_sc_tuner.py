@@ -22,9 +22,9 @@ Defaults follow the official SC-Tuner recipe (scepter ``methods/scedit/t2i``): A
 weight decay 1e-2), constant schedule, batch 1, 2000 steps, ``--sc_down_ratio 1.0``, plain MSE on the target of the
 model folder's scheduler (epsilon or v_prediction), uniform timesteps (``--snr_gamma 5`` weights the loss by
 Min-SNR-5, as diffusers' ``--snr_gamma``; ``--max_train_timestep 500`` trains on the low-noise half only, for a
-tuner used on the matching sampling steps only). ``--lr_scheduler`` steps once per optimizer step whatever the number of
-processes. ``--use_ema`` saves the moving average of the trained weights (diffusers' ``EMAModel``) instead of the
-last step's, as diffusers' ``--use_ema``.
+tuner used on the matching sampling steps only). ``--lr_scheduler`` steps once per optimizer step whatever the
+number of processes. ``--use_ema`` saves the moving average of the trained weights (diffusers' ``EMAModel``)
+instead of the last step's, as diffusers' ``--use_ema``.
 
 Outputs in ``--output_dir`` (each written to a staging folder and renamed into place at the end):
   sc    tuner_config.json + tuner_model.safetensors   ``vistune.load_tuners(pipe.unet, output_dir)``
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    components = load_sd_components(args.pretrained_model_name_or_path, args.prediction_type)
+    components = load_sd_components(args.pretrained_model_name_or_path, args.prediction_type, args.max_train_timestep)
     tokenizer, noise_scheduler = components.tokenizer, components.noise_scheduler
     text_encoder = components.text_encoder.requires_grad_(False).eval().to(accelerator.device, weight_dtype)
     vae = components.vae.requires_grad_(False).eval().to(accelerator.device, weight_dtype)

@@ -130,10 +130,13 @@ def test_killed_run_resumes_to_the_same_weights(script, sd_folder, tmp_path, mon
 def test_resume_with_other_optimisation_flags_is_refused(script, sd_folder, tmp_path):
     out = tmp_path / "run"
     first = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--snr_gamma", "5"]
-    assert script.main(args_for(sd_folder, out, *first)) == 0
+    assert script.main(args_for(sd_folder, out, *first, "--max_train_timestep", "500")) == 0
     state = json.loads((out / "checkpoint-1" / "state.json").read_text())
     assert state["extra"]["flags"]["snr_gamma"] == 5.0 and state["extra"]["flags"]["learning_rate"] == 1e-4
-    more = ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
+    assert state["extra"]["flags"]["max_train_timestep"] == 500
+    more = ["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--max_train_timestep", "500"]
+    with pytest.raises(ValueError, match="--max_train_timestep 500, not --max_train_timestep None"):
+        script.main(args_for(sd_folder, out, *more[:-2], "--snr_gamma", "5"))
     with pytest.raises(ValueError, match="--snr_gamma 5.0, not --snr_gamma None; resume with"):
         script.main(args_for(sd_folder, out, *more))
     with pytest.raises(ValueError, match="--learning_rate 0.0001, not --learning_rate 0.001"):
@@ -155,6 +158,8 @@ def test_bad_input_fails_before_writing(script, sd_folder, tmp_path):
         script.main(args_for(tmp_path / "nowhere", out, "--max_train_steps", "1"))
     with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint .*checkpoint-7: no checkpoint"):
         script.main(args_for(sd_folder, out, "--resume_from_checkpoint", "checkpoint-7"))
+    with pytest.raises(ValueError, match="--max_train_timestep 1001: the scheduler of .* trains on 1000 timesteps"):
+        script.main(args_for(sd_folder, out, "--max_train_timestep", "1001"))
     empty = tmp_path / "empty"
     empty.mkdir()
     argv = args_for(sd_folder, out)

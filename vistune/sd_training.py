@@ -79,8 +79,10 @@ class SDComponents:
     noise_scheduler: Any
 
 
-def load_sd_components(path: str | os.PathLike, prediction_type: str | None = None) -> SDComponents:
-    """Check and load a local SD folder; ``prediction_type`` overrides the scheduler's (epsilon / v_prediction)."""
+def load_sd_components(path: str | os.PathLike, prediction_type: str | None = None,
+                       max_train_timestep: int | None = None) -> SDComponents:
+    """Check and load a local SD folder; ``prediction_type`` overrides the scheduler's (epsilon / v_prediction);
+    ``max_train_timestep`` (``--max_train_timestep``) must not exceed the scheduler's training timesteps."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -90,6 +92,10 @@ def load_sd_components(path: str | os.PathLike, prediction_type: str | None = No
         noise_scheduler.register_to_config(prediction_type=prediction_type)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type!r}: expected epsilon or v_prediction")
+    steps = noise_scheduler.config.num_train_timesteps
+    if max_train_timestep is not None and max_train_timestep > steps:
+        raise ValueError(f"--max_train_timestep {max_train_timestep}: the scheduler of {root} trains on {steps} "
+                         "timesteps")
     return SDComponents(
         tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
