@@ -528,7 +528,8 @@ def denoising_loss(
 
 def timestep_flags(sampling: str, max_timestep: int | None = None) -> list[str]:
     """The training-script arguments for the training timesteps, for scripts that launch training runs."""
-    return ["--timestep_sampling", sampling, *([] if max_timestep is None else ["--max_train_timestep", str(max_timestep)])]
+    bound = [] if max_timestep is None else ["--max_train_timestep", str(max_timestep)]
+    return ["--timestep_sampling", sampling, *bound]
 
 
 def timesteps_note(meta: Mapping[str, Any]) -> str:
@@ -550,7 +551,7 @@ def snr_note(meta: Mapping[str, Any]) -> str:
 
 def ema_flags(use_ema: bool, ema_decay: float) -> list[str]:
     """The training-script arguments that save the moving average of the trained weights (none when off)."""
-    return ["--use_ema", "--ema_decay", f"{ema_decay:g}"] if use_ema else []
+    return ["--use_ema", "--ema_decay", str(ema_decay)] if use_ema else []  # str: all its digits (0.9999999)
 
 
 def ema_note(meta: Mapping[str, Any]) -> str:
