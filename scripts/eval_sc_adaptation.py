@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_ema", action="store_true",
                    help="every method saves the moving average of its trained weights (train_sc_tuner.py --use_ema)")
     p.add_argument("--ema_decay", type=float, default=0.9999)
+    p.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="every method trains this share of its examples with the empty caption "
+                        "(train_sc_tuner.py --proportion_empty_prompts)")
     p.add_argument("--num_train_images", type=int, default=1000)
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -97,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(not 0 < s <= 2 for s in args.scales):
         p.error(f"--scales must lie in (0, 2], got {args.scales}")
+    if not 0 <= args.proportion_empty_prompts < 1:
+        p.error(f"--proportion_empty_prompts must lie in [0, 1), got {args.proportion_empty_prompts}")
     if args.recolored_base and args.style != "pastel":
         p.error(f"--recolored_base recolours to pastel only, not {args.style!r}")
     return args
@@ -122,7 +127,7 @@ def train(args, method: str, base: Path, out: Path, resolution: int) -> float:
                "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps),
                "--learning_rate", str(lr), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed),
                *timestep_flags(args.timestep_sampling, args.max_train_timestep), *snr_flag(args.snr_gamma),
-               *ema_flags(args.use_ema, args.ema_decay),
+               *ema_flags(args.use_ema, args.ema_decay), *dropout_flag(args.proportion_empty_prompts),
                "--checkpointing_steps", str(args.steps + 1), "--report_to", "none", "--output_dir", str(out)]
     if method == "sc":
         command += ["--sc_down_ratio", str(args.sc_down_ratio)]
@@ -210,6 +215,17 @@ def measure(args, pipe, prompts: list[str], target: float, base_row: dict | None
     return row, images
 
 
+def dropout_flag(proportion: float) -> list[str]:
+    """The training-script arguments for caption dropout (none when 0)."""
+    return ["--proportion_empty_prompts", str(proportion)] if proportion > 0 else []
+
+
+def dropout_note(meta: dict) -> str:
+    """The report phrase for runs trained with caption dropout (``meta["proportion_empty_prompts"]``), else ``""``."""
+    share = meta.get("proportion_empty_prompts") or 0
+    return f", {100 * share:g}% of the captions dropped" if share > 0 else ""
+
+
 def methods_note(rows: list[dict], meta: dict) -> str:
     """How the report's SC-Tuner and LoRA were configured (the rows name only the method)."""
     methods, notes = {r["method"] for r in rows}, []
@@ -227,7 +243,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Style adaptation of {meta.get('model', 'the shipped tiny SD')} to '{meta['style']}'",
         "",
         f"{meta['steps']} steps x batch {meta['batch_size']}, AdamW constant lr {meta['learning_rate']:g} "
-        f"(full fine-tuning {meta['full_learning_rate']:g}), {timesteps_note(meta)}{snr_note(meta)}{ema_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
+        f"(full fine-tuning {meta['full_learning_rate']:g}), {timesteps_note(meta)}{snr_note(meta)}{ema_note(meta)}{dropout_note(meta)}, seed {meta['seed']}, {meta['train_images']} training scenes; "
         f"{len(PROMPTS)} prompts x {meta['images_per_prompt']} images, 25 DDIM steps. Real '{meta['style']}' images "
         f"score {meta['style_target']:.3f}; through the model's VAE (encode + decode) they score "
         f"{meta['style_vae_ceiling']:.3f}, so no U-Net tuner can close more than {100 * meta['gap_ceiling']:.0f}% of the gap.{methods_note(rows, meta)} "
@@ -318,6 +334,7 @@ def main(argv=None) -> int:
             "lora_rank": args.lora_rank, "sc_target_skips": args.sc_target_skips, "sc_down_ratio": args.sc_down_ratio,
             "timestep_sampling": args.timestep_sampling, "max_train_timestep": args.max_train_timestep,
             "snr_gamma": args.snr_gamma, "use_ema": args.use_ema, "ema_decay": args.ema_decay,
+            "proportion_empty_prompts": args.proportion_empty_prompts,
             "step_windows": [list(w) for w in args.step_windows],
             "style_vae_ceiling": ceiling,
             "gap_ceiling": gap_share(ceiling, base_row["style_statistic"], target), "base": str(base),

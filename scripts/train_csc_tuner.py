@@ -56,6 +56,7 @@ from vistune.sd_training import (
     controlnet_embedding_channels,
     denoising_loss,
     encode_images,
+    drop_captions,
     encode_prompts,
     load_sd_components,
     make_control_batch,
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     check_sd_folder(args.pretrained_model_name_or_path)
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        continue_run(resume, args, ("condition",))
+        continue_run(resume, args, ("condition", "conditioning_dropout"))
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     dataset = build_dataset(args)
@@ -271,9 +272,7 @@ def main(argv=None) -> int:
             generator = step_generator(args.seed, step, micro, accelerator.process_index)
             pixels, captions, control = make_control_batch(
                 dataset, micro_batch_indices(args, accelerator, step, micro, len(dataset)), generator, args.random_flip)
-            if args.conditioning_dropout > 0:
-                drop = torch.rand(len(captions), generator=generator) < args.conditioning_dropout
-                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            captions = drop_captions(captions, args.conditioning_dropout, generator)
             control = control.to(accelerator.device)
             with accelerator.accumulate(trained_module):
                 with torch.no_grad():
@@ -293,7 +292,7 @@ def main(argv=None) -> int:
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1
         finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
-                    extra=run_record(args, ("condition",)), ema=ema)
+                    extra=run_record(args, ("condition", "conditioning_dropout")), ema=ema)
         if accelerator.is_main_process:
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet),

@@ -24,7 +24,9 @@ model folder's scheduler (epsilon or v_prediction), uniform timesteps (``--snr_g
 Min-SNR-5, as diffusers' ``--snr_gamma``; ``--max_train_timestep 500`` trains on the low-noise half only, for a
 tuner used on the matching sampling steps only). ``--lr_scheduler`` steps once per optimizer step whatever the
 number of processes. ``--use_ema`` saves the moving average of the trained weights (diffusers' ``EMAModel``)
-instead of the last step's, as diffusers' ``--use_ema``.
+instead of the last step's, as diffusers' ``--use_ema``. ``--proportion_empty_prompts 0.1`` trains that share of
+the examples with the empty caption, as diffusers' flag of that name: the tuned model then also learns the
+unconditional prediction that classifier-free guidance subtracts at inference.
 
 Outputs in ``--output_dir`` (each written to a staging folder and renamed into place at the end):
   sc    tuner_config.json + tuner_model.safetensors   ``vistune.load_tuners(pipe.unet, output_dir)``
@@ -39,8 +41,8 @@ are skipped; both with a warning and a count. ``--shapes_domain STYLE`` renders 
 scenes in that style (plain, striped, outline, pastel, noise) with their ordinary captions, so the tuner learns
 the style as the new default look. Every random draw of a step (which examples, noise, timesteps, flips) is a
 function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterrupted run exactly; it refuses
-flags that change the optimisation (method, batch, learning rate and schedule, timesteps, ``--snr_gamma``) other
-than the interrupted run's.
+flags that change the optimisation (method, batch, learning rate and schedule, timesteps, ``--snr_gamma``, caption
+dropout) other than the interrupted run's.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from vistune.sd_training import (
     continue_run,
     denoising_loss,
     encode_images,
+    drop_captions,
     encode_prompts,
     index_list,
     load_sd_components,
@@ -86,6 +89,10 @@ from vistune.sd_training import (
 )
 from vistune.training import resolve_checkpoint
 
+
+
+#: Flags of this script that a checkpoint records and a resume must repeat (besides ``RUN_FLAGS``).
+RECORDED_FLAGS = ("proportion_empty_prompts",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,9 +113,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tuner_name", default="default", help="name saved with the SC-Tuner")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--lora_target_modules", default=",".join(LORA_TARGET_MODULES))
+    p.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="train this share of the examples with the empty caption (as diffusers' scripts), so the "
+                        "tuned model also learns the unconditional prediction that classifier-free guidance subtracts")
     add_training_arguments(p, "sc-tuner-output")
     args = p.parse_args(argv)
     check_training_arguments(p, args, positive=("num_train_images", "lora_rank"))
+    if not 0.0 <= args.proportion_empty_prompts < 1.0:
+        p.error(f"--proportion_empty_prompts must lie in [0, 1), got {args.proportion_empty_prompts}")
     return args
 
 
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
     check_sd_folder(args.pretrained_model_name_or_path)
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        continue_run(resume, args)
+        continue_run(resume, args, RECORDED_FLAGS)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     dataset = build_dataset(args)
@@ -203,6 +215,7 @@ def main(argv=None) -> int:
             generator = step_generator(args.seed, step, micro, accelerator.process_index)
             pixels, captions = make_batch(dataset, micro_batch_indices(args, accelerator, step, micro, len(dataset)),
                                           generator, args.random_flip)
+            captions = drop_captions(captions, args.proportion_empty_prompts, generator)
             with accelerator.accumulate(unet):
                 with torch.no_grad():
                     latents = encode_images(vae, pixels, generator)
@@ -214,7 +227,7 @@ def main(argv=None) -> int:
             step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         global_step = step + 1
         finish_step(args, accelerator, progress, lr_scheduler, optimizer, trained, step_loss, global_step, output_dir,
-                    extra=run_record(args), ema=ema)
+                    extra=run_record(args, RECORDED_FLAGS), ema=ema)
         if accelerator.is_main_process:
             if args.validation_prompt and global_step % args.validation_steps == 0:
                 log_validation(args, components, accelerator.unwrap_model(unet), accelerator, global_step,

@@ -86,6 +86,9 @@ def test_snr_gamma_reaches_every_run_and_the_report_header(tmp_path, monkeypatch
     assert commands[-1][commands[-1].index("--use_ema") + 1:][:2] == ["--ema_decay", "0.99"]
     script.train(script.parse_args(["--max_train_timestep", "500"]), "sc", tmp_path, tmp_path / "low", 32)
     assert commands[-1][commands[-1].index("--max_train_timestep") + 1] == "500"
+    assert not any("--proportion_empty_prompts" in c for c in commands)
+    script.train(script.parse_args(["--proportion_empty_prompts", "0.1"]), "lora", tmp_path, tmp_path / "drop", 32)
+    assert commands[-1][commands[-1].index("--proportion_empty_prompts") + 1] == "0.1"
 
 
 def test_report_names_how_each_method_was_configured():
@@ -108,6 +111,8 @@ def test_report_names_how_each_method_was_configured():
         rows, {**meta, "use_ema": True, "ema_decay": 0.999})
     assert "uniform timesteps, seed" in table
     assert "uniform timesteps below 500, seed" in script.markdown(rows, {**meta, "max_train_timestep": 500})
+    assert "dropped" not in table
+    assert ", 10% of the captions dropped, seed" in script.markdown(rows, {**meta, "proportion_empty_prompts": 0.1})
     rows[0]["caption_misses"] = {"found": 252, "wrong_shape": 68, "wrong_colour": 0, "missing": 0}
     rows[1]["caption_misses"] = {"found": 205, "wrong_shape": 96, "wrong_colour": 8, "missing": 11}
     assert "base 68 of 320 (68 / 0 / 0); sc 115 of 320 (96 / 8 / 11)." in script.markdown(rows, meta)

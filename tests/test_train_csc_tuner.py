@@ -162,6 +162,9 @@ def test_resume_with_another_condition_is_refused(script, sd_folder, tmp_path):
     assert script.main(args_for(sd_folder, out, *SMALL, "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
     with pytest.raises(ValueError, match="--condition canny, not --condition color"):
         script.main(args_for(sd_folder, out, *SMALL, "--condition", "color", "--resume_from_checkpoint", "latest"))
+    with pytest.raises(ValueError, match="--conditioning_dropout 0.0, not --conditioning_dropout 0.1"):
+        script.main(args_for(sd_folder, out, *SMALL, "--conditioning_dropout", "0.1", "--resume_from_checkpoint",
+                             "latest"))
 
 
 def test_cubic_timestep_samplings_favour_high_or_low_noise():

@@ -13,7 +13,9 @@ import torch
 
 import vistune
 from vistune.data import ShapesDataset
-from vistune.sd_training import denoising_loss, encode_images, encode_prompts, load_sd_components, make_batch
+from vistune.sd_training import (
+    denoising_loss, drop_captions, encode_images, encode_prompts, load_sd_components, make_batch,
+)
 from vistune.testing import tiny_sd_pipeline
 
 from .conftest import kill_after, load_script
@@ -129,12 +131,18 @@ def test_killed_run_resumes_to_the_same_weights(script, sd_folder, tmp_path, mon
 
 def test_resume_with_other_optimisation_flags_is_refused(script, sd_folder, tmp_path):
     out = tmp_path / "run"
-    first = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--snr_gamma", "5"]
+    first = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--snr_gamma", "5",
+             "--proportion_empty_prompts", "0.2"]
     assert script.main(args_for(sd_folder, out, *first, "--max_train_timestep", "500")) == 0
     state = json.loads((out / "checkpoint-1" / "state.json").read_text())
     assert state["extra"]["flags"]["snr_gamma"] == 5.0 and state["extra"]["flags"]["learning_rate"] == 1e-4
     assert state["extra"]["flags"]["max_train_timestep"] == 500
-    more = ["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--max_train_timestep", "500"]
+    assert state["extra"]["flags"]["proportion_empty_prompts"] == 0.2
+    with pytest.raises(ValueError, match="--proportion_empty_prompts 0.2, not --proportion_empty_prompts 0.0"):
+        script.main(args_for(sd_folder, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
+                             "--max_train_timestep", "500", "--snr_gamma", "5"))
+    more = ["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--proportion_empty_prompts", "0.2",
+            "--max_train_timestep", "500"]
     with pytest.raises(ValueError, match="--max_train_timestep 500, not --max_train_timestep None"):
         script.main(args_for(sd_folder, out, *more[:-2], "--snr_gamma", "5"))
     with pytest.raises(ValueError, match="--snr_gamma 5.0, not --snr_gamma None; resume with"):
@@ -145,6 +153,40 @@ def test_resume_with_other_optimisation_flags_is_refused(script, sd_folder, tmp_
         script.main(args_for(sd_folder, out, *more, "--snr_gamma", "5", "--method", "lora"))
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # nothing ran
     assert script.main(args_for(sd_folder, out, *more, "--snr_gamma", "5")) == 0  # the same flags continue
+
+
+def test_drop_captions_follows_its_draws_and_draws_nothing_at_zero():
+    captions = [f"caption {i}" for i in range(1000)]
+    generator = torch.Generator().manual_seed(3)
+    assert drop_captions(captions, 0.0, generator) == captions
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(3).get_state())  # the stream is untouched
+    dropped = drop_captions(captions, 0.3, generator)
+    draws = torch.rand(1000, generator=torch.Generator().manual_seed(3))
+    assert dropped == ["" if u < 0.3 else c for c, u in zip(captions, draws.tolist())]
+    assert 250 < dropped.count("") < 350
+
+
+def test_caption_dropout_trains_that_share_with_the_empty_caption(script, sd_folder, tmp_path, monkeypatch):
+    seen = []
+    encode = script.encode_prompts
+    monkeypatch.setattr(script, "encode_prompts", lambda tok, enc, captions: seen.append(list(captions)) or
+                        encode(tok, enc, captions))
+    common = ["--max_train_steps", "6", "--train_batch_size", "4", "--checkpointing_steps", "100"]
+    assert script.main(args_for(sd_folder, tmp_path / "kept", *common)) == 0
+    kept, seen[:] = sum(seen, []), []
+    assert script.main(args_for(sd_folder, tmp_path / "dropped", *common, "--proportion_empty_prompts", "0.5")) == 0
+    dropped = sum(seen, [])
+    assert len(dropped) == len(kept) == 24 and all(kept)
+    assert all(d in ("", k) for d, k in zip(dropped, kept))  # the same examples, some with the empty caption
+    assert 6 <= dropped.count("") <= 18  # about half of 24
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1"])
+def test_caption_dropout_share_is_checked(script, share, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--shapes_domain", "plain",
+                           "--proportion_empty_prompts", share])
+    assert "--proportion_empty_prompts must lie in [0, 1)" in capsys.readouterr().err
 
 
 def test_bad_input_fails_before_writing(script, sd_folder, tmp_path):

@@ -432,6 +432,16 @@ def make_batch(
     return pixels, [item["caption"] for item in items]
 
 
+def drop_captions(captions: Sequence[str], proportion: float, generator: torch.Generator | None = None) -> list[str]:
+    """``captions`` with each replaced by ``""`` with probability ``proportion`` (classifier-free guidance dropout).
+
+    Draws from ``generator`` only when ``proportion > 0``, so runs without dropout keep their random stream."""
+    if proportion <= 0:
+        return list(captions)
+    drop = torch.rand(len(captions), generator=generator) < proportion
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
 # ----------------------------------------------------------------------------------------------- the loss
 
 
