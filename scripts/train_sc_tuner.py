@@ -39,10 +39,10 @@ Data: images are resized (shorter side) and centre-cropped to ``--resolution``. 
 with the empty caption (``--missing_captions empty``, the default) or are left out (``skip``); unreadable images
 are skipped; both with a warning and a count. ``--shapes_domain STYLE`` renders ``--num_train_images`` shapes-world
 scenes in that style (plain, striped, outline, pastel, noise) with their ordinary captions, so the tuner learns
-the style as the new default look. Every random draw of a step (which examples, noise, timesteps, flips) is a
-function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterrupted run exactly; it refuses
-flags that change the optimisation (method, batch, learning rate and schedule, timesteps, ``--snr_gamma``, caption
-dropout) other than the interrupted run's.
+the style as the new default look. Every random draw of a step (which examples, noise, timesteps, flips, dropped
+captions) is a function of (seed, step), so ``--resume_from_checkpoint`` reproduces an uninterrupted run exactly;
+it refuses flags that change the optimisation (method, batch, learning rate and schedule, timesteps,
+``--snr_gamma``, caption dropout) other than the interrupted run's.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ from vistune.sd_training import (
     check_sd_folder,
     continue_run,
     denoising_loss,
-    encode_images,
     drop_captions,
+    encode_images,
     encode_prompts,
     index_list,
     load_sd_components,
@@ -88,8 +88,6 @@ from vistune.sd_training import (
     step_generator,
 )
 from vistune.training import resolve_checkpoint
-
-
 
 #: Flags of this script that a checkpoint records and a resume must repeat (besides ``RUN_FLAGS``).
 RECORDED_FLAGS = ("proportion_empty_prompts",)
