@@ -44,8 +44,8 @@ from vistune.demo import (
 from vistune.metrics import caption_fidelity, caption_misses
 from vistune.pipelines.steps import in_step_window
 from vistune.sd_training import (
-    LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, ema_flags, ema_note, index_list, read_train_time,
-    record_train_time, snr_flag, snr_note, timestep_flags, timesteps_note,
+    LORA_TARGET_MODULES, LORA_WEIGHT_NAME, TIMESTEP_SAMPLINGS, check_caption_dropout, ema_flags, ema_note, index_list,
+    read_train_time, record_train_time, snr_flag, snr_note, timestep_flags, timesteps_note,
 )
 
 SCRIPT = Path(__file__).with_name("train_sc_tuner.py")
@@ -100,8 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(not 0 < s <= 2 for s in args.scales):
         p.error(f"--scales must lie in (0, 2], got {args.scales}")
-    if not 0 <= args.proportion_empty_prompts < 1:
-        p.error(f"--proportion_empty_prompts must lie in [0, 1), got {args.proportion_empty_prompts}")
+    check_caption_dropout(p, "--proportion_empty_prompts", args.proportion_empty_prompts)
     if args.recolored_base and args.style != "pastel":
         p.error(f"--recolored_base recolours to pastel only, not {args.style!r}")
     return args

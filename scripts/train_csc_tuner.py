@@ -45,6 +45,7 @@ from vistune.data import STYLES, ShapesDataset
 from vistune.data.imagefolder import CaptionedImageFolder
 from vistune.sd_training import (
     add_training_arguments,
+    check_caption_dropout,
     check_training_arguments,
     ConditionedDataset,
     TrainableState,
@@ -95,8 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            validation_help="generate with this prompt and the first training image's control map")
     args = p.parse_args(argv)
     check_training_arguments(p, args, positive=("num_train_images",))
-    if not 0.0 <= args.conditioning_dropout < 1.0:
-        p.error("--conditioning_dropout must be in [0, 1)")
+    check_caption_dropout(p, "--conditioning_dropout", args.conditioning_dropout)
     if args.method == "controlnet" and any(getattr(args, n) is not None for n in
                                            ("csc_config", "condition_channels", "encoder_width_ratio",
                                             "dense_kernel_size", "down_ratio")):

@@ -64,6 +64,7 @@ from vistune.data import STYLES, ShapesDataset
 from vistune.data.imagefolder import CaptionedImageFolder
 from vistune.sd_training import (
     add_training_arguments,
+    check_caption_dropout,
     check_training_arguments,
     LORA_TARGET_MODULES,
     METHODS,
@@ -117,8 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_arguments(p, "sc-tuner-output")
     args = p.parse_args(argv)
     check_training_arguments(p, args, positive=("num_train_images", "lora_rank"))
-    if not 0.0 <= args.proportion_empty_prompts < 1.0:
-        p.error(f"--proportion_empty_prompts must lie in [0, 1), got {args.proportion_empty_prompts}")
+    check_caption_dropout(p, "--proportion_empty_prompts", args.proportion_empty_prompts)
     return args
 
 

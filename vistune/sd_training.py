@@ -432,6 +432,13 @@ def make_batch(
     return pixels, [item["caption"] for item in items]
 
 
+def check_caption_dropout(parser: argparse.ArgumentParser, flag: str, share: float) -> None:
+    """Exit with a usage error unless the caption-dropout ``share`` given as ``flag`` lies in [0, 1) (1 would train
+    an unconditional model)."""
+    if not 0.0 <= share < 1.0:
+        parser.error(f"{flag} must lie in [0, 1), got {share}")
+
+
 def drop_captions(captions: Sequence[str], proportion: float, generator: torch.Generator | None = None) -> list[str]:
     """``captions`` with each replaced by ``""`` with probability ``proportion`` (classifier-free guidance dropout).
 
